@@ -1,0 +1,195 @@
+"""Run a model and collect every layer's hidden states and attention probabilities.
+
+    model = sslsim_jax.load_model("facebook/hubert-base-ls960")   # or a local directory
+    out = model.intermediates(waveforms, lengths, attentions=True)
+    out.hidden_states  # [L+1, B, T, D]
+    out.attentions     # [L, B, H, T, T]
+    out.frame_mask     # [B, T]
+
+Layer indexing follows transformers 5.x ``hidden_states``: index 0 is the transformer input,
+index i the output of block i. For pre-LN ("large", ``do_stable_layer_norm``) models, index L is
+the last block's output *before* the final LayerNorm (as transformers 5.x returns it; 4.x
+returned it after); the final LayerNorm's output is ``final_hidden_state``, which equals
+transformers' ``last_hidden_state`` in both versions and for every layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslsim_jax.models.config import ModelConfig
+from sslsim_jax.models.modules import SpeechEncoder
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Intermediates:
+    """Everything one forward pass exposes. A pytree, so it can leave ``jax.jit``.
+
+    Attributes:
+        hidden_states: [L+1, B, T, D] transformer input and every block's output.
+        attentions: [L, B, H, T, T] attention probabilities (float32), or None.
+        frame_mask: [B, T] bool, True on valid frames. Padded frames hold unspecified values.
+        frame_lengths: [B] int, valid frames per utterance.
+        final_hidden_state: [B, T, D] transformers' ``last_hidden_state`` (after the final
+            LayerNorm of pre-LN models; equal to ``hidden_states[L]`` for post-LN models).
+        logits: [B, T, V] CTC logits (float32), or None without a CTC head.
+    """
+
+    hidden_states: jax.Array
+    attentions: jax.Array | None
+    frame_mask: jax.Array
+    frame_lengths: jax.Array
+    final_hidden_state: jax.Array
+    logits: jax.Array | None
+
+
+def forward(
+    module: SpeechEncoder,
+    params: Any,
+    waveforms: jax.Array,
+    lengths: jax.Array,
+    attentions: bool = False,
+) -> Intermediates:
+    """Pure forward pass collecting intermediates via the ``"intermediates"`` collection."""
+    out, state = module.apply(
+        {"params": params},
+        waveforms,
+        lengths,
+        output_attentions=attentions,
+        mutable=["intermediates"],
+    )
+    sown = state["intermediates"]["encoder"]
+    return Intermediates(
+        hidden_states=jnp.stack(sown["hidden_states"]),
+        attentions=jnp.stack(sown["attentions"]) if attentions else None,
+        frame_mask=out["frame_mask"],
+        frame_lengths=out["frame_lengths"],
+        final_hidden_state=out["final_hidden_state"],
+        logits=out["logits"],
+    )
+
+
+class SpeechModel:
+    """A loaded Wav2Vec2/HuBERT model: config, params and a jit-compiled forward pass.
+
+    Attributes:
+        config: the ``ModelConfig``.
+        params: the params pytree (device arrays).
+        module: the Flax ``SpeechEncoder``.
+        path: the directory it was loaded from (None if built in memory).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Any,
+        *,
+        dtype: Any = jnp.float32,
+        precision: Any = None,
+        path: str | None = None,
+    ):
+        self.config = config
+        param_dtype = jax.tree.leaves(params)[0].dtype
+        self.module = SpeechEncoder(
+            config, dtype=dtype, param_dtype=param_dtype, precision=precision
+        )
+        self.params = jax.device_put(params)
+        self.path = path
+        self._forward = jax.jit(
+            lambda p, w, n, attentions: forward(self.module, p, w, n, attentions),
+            static_argnums=3,
+        )
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"SpeechModel({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+            f"heads={c.num_attention_heads}, ctc_head={c.ctc_head}, path={self.path!r})"
+        )
+
+    def check_inputs(
+        self, waveforms: Any, lengths: Any = None
+    ) -> tuple[np.ndarray | jax.Array, np.ndarray]:
+        """Validates shapes and lengths on the host; returns ([B, S] waveforms, [B] lengths)."""
+        shape = np.shape(waveforms)
+        if len(shape) != 2:
+            raise ValueError(f"expected waveforms of shape [B, S], got {tuple(shape)}")
+        batch, samples = shape
+        if lengths is None:
+            lengths = np.full((batch,), samples, np.int32)
+        lengths = np.asarray(lengths)
+        if lengths.shape != (batch,):
+            raise ValueError(f"expected lengths of shape [B] = ({batch},), got {lengths.shape}")
+        if not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"expected integer lengths, got dtype {lengths.dtype}")
+        if np.any(lengths > samples):
+            i = int(np.argmax(lengths > samples))
+            raise ValueError(f"lengths[{i}] = {lengths[i]} exceeds the padded length S = {samples}")
+        field = self.config.receptive_field
+        if np.any(lengths < field):
+            i = int(np.argmax(lengths < field))
+            raise ValueError(
+                f"utterance {i} has {lengths[i]} samples, fewer than the model's receptive field "
+                f"of {field} samples (one frame)"
+            )
+        return waveforms, lengths.astype(np.int32)
+
+    def intermediates(
+        self, waveforms: Any, lengths: Any = None, attentions: bool = False
+    ) -> Intermediates:
+        """Runs the model on a padded batch and returns every layer's intermediates.
+
+        Jit-compiled once per (padded shape, ``attentions``); a new batch of the same padded
+        shape does not recompile.
+
+        Args:
+            waveforms: [B, S] float model input values (transformers' ``input_values``:
+                16 kHz, normalised as the model's feature extractor does).
+            lengths: [B] int valid samples per utterance; None means all S are valid.
+            attentions: also return attention probabilities [L, B, H, T, T].
+
+        Returns:
+            ``Intermediates``; valid frames are equal to running each utterance alone.
+        """
+        waveforms, lengths = self.check_inputs(waveforms, lengths)
+        return self._forward(self.params, jnp.asarray(waveforms, jnp.float32), lengths, attentions)
+
+
+def load_model(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    **hub_kwargs: Any,
+) -> SpeechModel:
+    """Loads a Wav2Vec2/HuBERT model.
+
+    Args:
+        path_or_hub_id: a transformers checkpoint directory (``config.json`` plus
+            ``model.safetensors``/``pytorch_model.bin``, possibly sharded), a directory
+            converted by ``python -m convert``, or a hub id such as
+            ``"facebook/wav2vec2-base"`` (downloaded or taken from the huggingface cache).
+        dtype: compute dtype (e.g. ``jnp.bfloat16``); norms and softmax stay float32.
+        param_dtype: dtype the params are stored in.
+        precision: matmul/conv precision, e.g. ``"highest"`` for exact float32 on GPU (where
+            TF32 is the default) and TPU (bfloat16 passes by default); None keeps JAX's default.
+        **hub_kwargs: passed to ``huggingface_hub.snapshot_download`` for hub ids
+            (``cache_dir``, ``revision``, ``local_files_only``, ``token``).
+
+    Returns:
+        A ``SpeechModel``.
+    """
+    from sslsim_jax.checkpoints import load_config_and_params
+
+    config, params, path = load_config_and_params(
+        path_or_hub_id, param_dtype=np.dtype(param_dtype), **hub_kwargs
+    )
+    return SpeechModel(config, params, dtype=dtype, precision=precision, path=path)

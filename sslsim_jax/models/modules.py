@@ -1,0 +1,341 @@
+"""Flax (linen) Wav2Vec2 and HuBERT encoders, numerically equal to transformers' PyTorch models.
+
+The modules hold no parameters: params are a pytree passed to ``apply`` (see
+``convert.hf.convert_state_dict`` for the name map from PyTorch checkpoints). They run in
+inference mode only (no dropout, no SpecAugment masking).
+
+Every layer's hidden state and attention probabilities are recorded with ``self.sow`` into the
+``"intermediates"`` collection of the encoder:
+
+    _, state = SpeechEncoder(cfg).apply({"params": params}, x, lengths,
+                                        output_attentions=True, mutable=["intermediates"])
+    state["intermediates"]["encoder"]["hidden_states"]  # tuple of L+1 arrays [B, T, D]
+    state["intermediates"]["encoder"]["attentions"]     # tuple of L arrays [B, H, T, T]
+
+Padded batches are exact: the GroupNorm of base models is computed over each utterance's valid
+samples only, padded frames are zeroed before the positional convolution and masked out of
+attention, so every valid frame equals running that utterance alone.
+
+Shape letters: B batch, S samples, T frames, C conv channels, D hidden, H heads, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sslsim_jax.models.config import ModelConfig
+
+Dtype = Any
+
+
+def activation(name: str):
+    """The activation transformers' ``ACT2FN[name]`` applies (``gelu`` is the exact erf form)."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def conv_output_lengths(lengths: jax.Array, kernel: int, stride: int) -> jax.Array:
+    """Valid output frames of a VALID strided conv, as transformers computes them (clipped at 0)."""
+    return jnp.maximum((lengths - kernel) // stride + 1, 0)
+
+
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm with one group per channel, statistics over each utterance's valid steps only.
+
+    transformers normalises over the whole padded time axis, so its padded batches differ from
+    running each utterance alone; this is the per-utterance computation. Statistics in float32.
+    """
+
+    epsilon: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        # x: [B, T, C], mask: [B, T]
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        m = mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+        count = jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)  # [B, 1, 1]
+        mean = (x32 * m).sum(axis=1, keepdims=True) / count
+        var = (jnp.square(x32 - mean) * m).sum(axis=1, keepdims=True) / count
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm32(nn.Module):
+    """LayerNorm over the last axis computed in float32, returned in the input dtype."""
+
+    epsilon: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class FeatureEncoder(nn.Module):
+    """Strided conv stack from waveform [B, S] to features [B, T, C] with frame lengths [B]."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, waveforms: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        act = activation(cfg.feat_extract_activation)
+        x = waveforms.astype(self.dtype)[..., None]  # [B, S] -> [B, S, 1]
+        layers = zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride, strict=True)
+        for i, (dim, k, s) in enumerate(layers):
+            x = nn.Conv(
+                dim,
+                kernel_size=(k,),
+                strides=(s,),
+                padding="VALID",
+                use_bias=cfg.conv_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                name=f"conv_layers_{i}_conv",
+            )(x)
+            lengths = conv_output_lengths(lengths, k, s)
+            if cfg.feat_extract_norm == "group" and i == 0:
+                mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+                x = MaskedGroupNorm(param_dtype=self.param_dtype, name=f"conv_layers_{i}_norm")(
+                    x, mask
+                )
+            elif cfg.feat_extract_norm == "layer":
+                # transformers' conv LayerNorm keeps torch's default eps of 1e-5.
+                x = LayerNorm32(
+                    epsilon=1e-5, param_dtype=self.param_dtype, name=f"conv_layers_{i}_norm"
+                )(x)
+            x = act(x)
+        return x, lengths
+
+
+class PositionalConv(nn.Module):
+    """Grouped 'same' convolution over time (weight norm folded into the kernel at conversion)."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        k = cfg.num_conv_pos_embeddings
+        y = nn.Conv(
+            cfg.hidden_size,
+            kernel_size=(k,),
+            padding=[(k // 2, k // 2)],
+            feature_group_count=cfg.num_conv_pos_embedding_groups,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            name="conv",
+        )(x)
+        # An even kernel gives T + 1 outputs; transformers' SamePad layer drops the last one.
+        y = y[:, : x.shape[1]]
+        return activation(cfg.feat_extract_activation)(y)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; returns the output and the probabilities [B, H, T, T] (f32)."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        batch, frames, _ = x.shape
+
+        def dense(name):
+            return nn.Dense(
+                cfg.hidden_size,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                precision=self.precision,
+                name=name,
+            )
+
+        # [B, T, D] -> [B, T, H, D/H]
+        heads = (batch, frames, cfg.num_attention_heads, cfg.head_dim)
+        q = dense("q_proj")(x).reshape(heads)
+        k = dense("k_proj")(x).reshape(heads)
+        v = dense("v_proj")(x).reshape(heads)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=self.precision)
+        scores = scores.astype(jnp.float32) * (cfg.head_dim**-0.5)
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, H, T, T], float32
+        out = jnp.einsum("bhts,bshd->bthd", probs.astype(self.dtype), v, precision=self.precision)
+        out = out.reshape(batch, frames, cfg.hidden_size)  # [B, T, H, D/H] -> [B, T, D]
+        return dense("out_proj")(out), probs
+
+
+class FeedForward(nn.Module):
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        h = nn.Dense(cfg.intermediate_size, name="intermediate_dense", **kw)(x)
+        h = activation(cfg.hidden_act)(h)
+        return nn.Dense(cfg.hidden_size, name="output_dense", **kw)(h)
+
+
+class EncoderLayer(nn.Module):
+    """One transformer block: post-LN, or pre-LN when ``config.do_stable_layer_norm``."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        attention = SelfAttention(cfg, name="attention", **kw)
+        feed_forward = FeedForward(cfg, name="feed_forward", **kw)
+        norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="layer_norm")
+        final_norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="final_layer_norm")
+        if cfg.do_stable_layer_norm:
+            h, probs = attention(norm(x), key_mask)
+            x = x + h
+            x = x + feed_forward(final_norm(x))
+        else:
+            h, probs = attention(x, key_mask)
+            x = norm(x + h)
+            x = final_norm(x + feed_forward(x))
+        return x, probs
+
+
+class Encoder(nn.Module):
+    """Positional conv and transformer blocks; sows ``hidden_states`` (L+1) and ``attentions`` (L).
+
+    ``hidden_states[0]`` is the transformer input (after the positional conv, and after the input
+    LayerNorm of post-LN models), ``hidden_states[i]`` the output of block i, as transformers
+    5.x's ``hidden_states``. Returns the final hidden state: the output of the final LayerNorm
+    for pre-LN models (transformers' ``last_hidden_state``), the last block's output otherwise.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, frame_mask: jax.Array, output_attentions: bool = False
+    ) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        # Zero padded frames so the 'same' conv sees what it sees on an utterance alone.
+        x = jnp.where(frame_mask[..., None], x, 0).astype(self.dtype)
+        x = x + PositionalConv(cfg, name="pos_conv_embed", **kw)(x)
+        layer_norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="layer_norm")
+        if not cfg.do_stable_layer_norm:
+            x = layer_norm(x)
+        self.sow("intermediates", "hidden_states", x)
+        for i in range(cfg.num_hidden_layers):
+            x, probs = EncoderLayer(cfg, name=f"layers_{i}", **kw)(x, frame_mask)
+            self.sow("intermediates", "hidden_states", x)
+            if output_attentions:
+                self.sow("intermediates", "attentions", probs)
+        if cfg.do_stable_layer_norm:
+            x = layer_norm(x)
+        return x
+
+
+class SpeechEncoder(nn.Module):
+    """Wav2Vec2 / HuBERT model (optionally with CTC head) from waveforms to hidden states.
+
+    Attributes:
+        config: the architecture.
+        dtype: compute dtype of convolutions and matmuls; norms and softmax stay float32.
+        param_dtype: dtype of the parameters.
+        precision: matmul/conv precision (``jax.lax.Precision`` or a string such as
+            ``"highest"``); None uses JAX's default (or the ``jax.default_matmul_precision``
+            context).
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(
+        self,
+        waveforms: jax.Array,
+        lengths: jax.Array | None = None,
+        *,
+        output_attentions: bool = False,
+    ) -> dict[str, jax.Array | None]:
+        """Runs the model.
+
+        Args:
+            waveforms: [B, S] model input values (transformers' ``input_values``).
+            lengths: [B] valid samples per utterance; None means all S are valid.
+            output_attentions: also sow attention probabilities.
+
+        Returns:
+            dict with ``final_hidden_state`` [B, T, D], ``frame_mask`` [B, T] bool,
+            ``frame_lengths`` [B] and ``logits`` [B, T, V] (None without a CTC head).
+        """
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        batch, samples = waveforms.shape
+        if lengths is None:
+            lengths = jnp.full((batch,), samples, jnp.int32)
+        # Padded samples must not leak into valid frames through any path.
+        sample_mask = jnp.arange(samples)[None, :] < lengths[:, None]
+        waveforms = jnp.where(sample_mask, waveforms, 0)
+        features, frame_lengths = FeatureEncoder(cfg, name="feature_extractor", **kw)(
+            waveforms, lengths
+        )
+        frame_mask = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]  # [B, T]
+        if cfg.feat_proj_layer_norm:
+            features = LayerNorm32(
+                cfg.layer_norm_eps, self.param_dtype, name="feature_projection_layer_norm"
+            )(features)
+        x = nn.Dense(cfg.hidden_size, name="feature_projection", **kw)(features)
+        final = Encoder(cfg, name="encoder", **kw)(x, frame_mask, output_attentions)
+        logits = None
+        if cfg.ctc_head:
+            logits = nn.Dense(cfg.vocab_size, name="lm_head", **kw)(final).astype(jnp.float32)
+        return {
+            "final_hidden_state": final,
+            "frame_mask": frame_mask,
+            "frame_lengths": frame_lengths,
+            "logits": logits,
+        }
