@@ -1,0 +1,308 @@
+"""Exact streaming second-moment statistics of one or several networks.
+
+A `Moments` holds, for the K networks whose activations sit side by side in Z: [N, D] (network k
+owns the columns ``offsets[k]:offsets[k] + sizes[k]``, D = sum of sizes):
+
+- ``count``: Σ_i w_i, the (weighted) number of frames;
+- ``mean``: [D], the weighted mean μ;
+- ``comoment``: [D, D], Σ_i w_i (z_i − μ)(z_i − μ)ᵀ (not divided by the count);
+- ``row_cross``: [D, K], Σ_i w_i (z_i − μ) r_ikᵀ and ``row_gram``: [K, K], Σ_i w_i r_ik r_il, where
+  r_ik = ‖z_i,k − μ_k‖² is the squared norm of frame i's centred activations in network k. These
+  are the extra accumulators of the unbiased HSIC (debiased CKA): Zᵀ R and Rᵀ R of DESIGN.md,
+  kept centred so that large means do not cancel catastrophically.
+
+Every metric of `sslsim_jax.metrics` is a function of these.
+
+Numerical method: each batch is centred on its own weighted mean (computed in two passes, so a
+mean of 1e4 over a spread of 1 loses nothing in float32), and two sets of moments merge with the
+pairwise update of Chan, Golub and LeVeque (1979), extended to the row-norm accumulators: both
+sides are re-centred on the merged mean with exact polynomial identities, then added. The merge
+is associative up to rounding, so batches may be merged in any order and `psum` over a mesh axis
+gives the one-pass result. Inputs of any float dtype (bfloat16 included) are promoted to at least
+float32 before centring; accumulation uses ``Precision.HIGHEST`` (no TF32 or bf16 passes on
+accelerators).
+
+Weights are frequency weights: a frame with weight 2 counts as the frame seen twice; a boolean
+mask is the weights 0/1. Padded frames must have weight 0.
+
+Use for any [N, D] matrix — e.g. attention cells as samples and heads as neurons::
+
+    m = stats.moments(x)                                      # one network, x: [N, H]
+    m = stats.moments(x, where=mask)                          # mask: [N] bool or float weights
+    m = stats.moments(jnp.concatenate([x, y], 1), sizes=(Dx, Dy))   # two networks, jointly
+    m = stats.update(m, x_next, where=mask_next)              # stream more frames
+    m = stats.psum(m, "data")                                 # inside shard_map / pmapped code
+    cov = stats.covariance(m)                                 # [D, D]
+    sub = stats.select(m, (0, 1))                             # networks 0 and 1 of many
+
+References:
+    Chan, Golub, LeVeque. Updating formulae and a pairwise algorithm for computing sample
+    variances. COMPSTAT 1982 (Stanford tech. report STAN-CS-79-773, 1979).
+    Song, Smola, Gretton, Bedo, Borgwardt. Feature selection via dependence maximization.
+    JMLR 13, 2012 (unbiased HSIC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+__all__ = [
+    "Moments",
+    "init",
+    "moments",
+    "joint_moments",
+    "update",
+    "merge",
+    "psum",
+    "select",
+    "covariance",
+    "segment_ids",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@struct.dataclass
+class Moments:
+    """Streaming statistics of K networks over the same frames (see module docstring).
+
+    Attributes:
+        count: [] weighted frame count Σ w.
+        mean: [D] weighted mean.
+        comoment: [D, D] centred co-moment Σ w (z − μ)(z − μ)ᵀ.
+        row_cross: [D, K] Σ w (z − μ) r_kᵀ with r_k the centred squared row norm of network k.
+        row_gram: [K, K] Σ w r_k r_l.
+        sizes: static tuple of the K network widths (sum D).
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    comoment: jax.Array
+    row_cross: jax.Array
+    row_gram: jax.Array
+    sizes: tuple[int, ...] = struct.field(pytree_node=False)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start column of each network."""
+        return tuple(int(o) for o in np.cumsum((0,) + self.sizes[:-1]))
+
+
+def segment_ids(sizes: Sequence[int]) -> np.ndarray:
+    """[D] index of the network that owns each column."""
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
+def _accum_dtype(dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_sizes(sizes: Sequence[int] | None, d: int) -> tuple[int, ...]:
+    if sizes is None:
+        return (d,)
+    sizes = tuple(int(s) for s in sizes)
+    if any(s <= 0 for s in sizes) or sum(sizes) != d:
+        raise ValueError(f"expected positive sizes summing to D={d}, got {sizes}")
+    return sizes
+
+
+def _weights(where: jax.Array | None, n: int, dtype) -> jax.Array:
+    if where is None:
+        return jnp.ones((n,), dtype)
+    where = jnp.asarray(where)
+    if where.shape != (n,):
+        raise ValueError(f"expected where of shape [N] = ({n},), got {where.shape}")
+    return where.astype(dtype)
+
+
+def init(sizes: Sequence[int], dtype=jnp.float32) -> Moments:
+    """Empty statistics (count 0) for networks of the given widths."""
+    sizes = tuple(int(s) for s in sizes)
+    d, k = sum(sizes), len(sizes)
+    z = jnp.zeros
+    return Moments(
+        count=z((), dtype),
+        mean=z((d,), dtype),
+        comoment=z((d, d), dtype),
+        row_cross=z((d, k), dtype),
+        row_gram=z((k, k), dtype),
+        sizes=sizes,
+    )
+
+
+def moments(
+    z: jax.Array, *, where: jax.Array | None = None, sizes: Sequence[int] | None = None
+) -> Moments:
+    """Statistics of one batch of frames.
+
+    Args:
+        z: [N, D] activations; several networks side by side when ``sizes`` is given.
+        where: optional [N] boolean frame mask or non-negative frequency weights.
+        sizes: widths of the networks in z (default: one network of width D).
+
+    Returns:
+        The batch's `Moments`. Only the upper blocks of the symmetric co-moment are multiplied
+        (one matmul per network against the networks after it), the rest is mirrored.
+    """
+    z = jnp.asarray(z)
+    if z.ndim != 2:
+        raise ValueError(f"expected z of shape [N, D], got {z.shape}")
+    sizes = _check_sizes(sizes, z.shape[1])
+    dtype = _accum_dtype(z.dtype)
+    z = z.astype(dtype)
+    w = _weights(where, z.shape[0], dtype)
+    n = jnp.sum(w)
+    safe_n = jnp.where(n > 0, n, 1)
+    # Two passes: the second corrects the rounding of the first when |mean| >> spread.
+    mean0 = jnp.einsum("n,nd->d", w, z, precision=_HIGHEST) / safe_n
+    mean = mean0 + jnp.einsum("n,nd->d", w, z - mean0, precision=_HIGHEST) / safe_n
+    zc = z - mean
+    zw = zc * w[:, None]
+    offsets = np.cumsum((0,) + sizes)
+    d = z.shape[1]
+    comoment = jnp.zeros((d, d), dtype)
+    for a in range(len(sizes)):
+        lo, hi = int(offsets[a]), int(offsets[a + 1])
+        # [N, D_a]^T [N, D - lo] -> [D_a, D - lo]: block row a from its diagonal block on.
+        row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=_HIGHEST)
+        comoment = comoment.at[lo:hi, lo:].set(row)
+        comoment = comoment.at[hi:, lo:hi].set(row[:, hi - lo :].T)
+    seg = jnp.asarray(segment_ids(sizes))
+    onehot = jax.nn.one_hot(seg, len(sizes), dtype=dtype)  # [D, K]
+    r = jnp.einsum("nd,dk->nk", zc * zc, onehot, precision=_HIGHEST)  # [N, K]
+    row_cross = jnp.einsum("nd,nk->dk", zw, r, precision=_HIGHEST)
+    row_gram = jnp.einsum("n,nk,nl->kl", w, r, r, precision=_HIGHEST)
+    return Moments(
+        count=n,
+        mean=jnp.where(n > 0, mean, 0),
+        comoment=comoment,
+        row_cross=row_cross,
+        row_gram=row_gram,
+        sizes=sizes,
+    )
+
+
+def joint_moments(networks: Sequence[jax.Array], *, where: jax.Array | None = None) -> Moments:
+    """Joint statistics of several networks' activations of the same frames.
+
+    Args:
+        networks: K arrays [N, D_k].
+        where: optional [N] boolean frame mask or frequency weights.
+
+    Returns:
+        `Moments` with ``sizes = (D_1, ..., D_K)``.
+    """
+    arrays = [jnp.asarray(x) for x in networks]
+    if not arrays:
+        raise ValueError("expected at least one network")
+    n = arrays[0].shape[0] if arrays[0].ndim == 2 else None
+    for i, x in enumerate(arrays):
+        if x.ndim != 2 or x.shape[0] != n:
+            raise ValueError(f"expected networks[{i}] of shape [N, D] with N={n}, got {x.shape}")
+    dtype = jnp.result_type(*arrays)
+    z = jnp.concatenate([x.astype(dtype) for x in arrays], axis=1)  # [N, sum D_k]
+    return moments(z, where=where, sizes=[x.shape[1] for x in arrays])
+
+
+def _shift(m: Moments, delta: jax.Array) -> Moments:
+    """Re-centre the accumulators of m on mean + delta (exact identities, no new data)."""
+    k = len(m.sizes)
+    onehot = jax.nn.one_hot(jnp.asarray(segment_ids(m.sizes)), k, dtype=delta.dtype)  # [D, K]
+    big_delta = delta[:, None] * onehot  # [D, K]: delta_k in network k's rows of column k
+    q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=_HIGHEST)  # [K] ‖δ_k‖²
+    s = jnp.matmul(jnp.diagonal(m.comoment), onehot, precision=_HIGHEST)  # [K] Σ w r_k
+    c_delta = jnp.matmul(m.comoment, big_delta, precision=_HIGHEST)  # [D, K]
+    dp = jnp.matmul(big_delta.T, m.row_cross, precision=_HIGHEST)  # [K, K]
+    n = m.count
+    row_gram = (
+        m.row_gram
+        - 2 * (dp + dp.T)
+        + 4 * jnp.matmul(big_delta.T, c_delta, precision=_HIGHEST)
+        + jnp.outer(s, q)
+        + jnp.outer(q, s)
+        + n * jnp.outer(q, q)
+    )
+    row_cross = m.row_cross - 2 * c_delta - jnp.outer(delta, s) - n * jnp.outer(delta, q)
+    comoment = m.comoment + n * jnp.outer(delta, delta)
+    return m.replace(mean=m.mean + delta, comoment=comoment, row_cross=row_cross, row_gram=row_gram)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Statistics of the union of the frames of a and b (Chan et al. pairwise update)."""
+    if a.sizes != b.sizes:
+        raise ValueError(f"expected equal network sizes, got {a.sizes} and {b.sizes}")
+    n = a.count + b.count
+    safe_n = jnp.where(n > 0, n, 1)
+    # Shift both sides onto the *stored* merged mean: each delta is then an exact difference of
+    # two nearby floats, so the accumulators stay consistent with the centre they claim.
+    mean = a.mean + (b.count / safe_n) * (b.mean - a.mean)
+    sa = _shift(a, mean - a.mean)
+    sb = _shift(b, mean - b.mean)
+    return Moments(
+        count=n,
+        mean=mean,
+        comoment=sa.comoment + sb.comoment,
+        row_cross=sa.row_cross + sb.row_cross,
+        row_gram=sa.row_gram + sb.row_gram,
+        sizes=a.sizes,
+    )
+
+
+def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Moments:
+    """Add one batch z: [N, D] (networks side by side as in m) with optional mask/weights."""
+    return merge(m, moments(z, where=where, sizes=m.sizes))
+
+
+def psum(m: Moments, axis_name) -> Moments:
+    """All-reduce statistics over a mesh axis; equals one pass over all devices' frames.
+
+    Each device re-centres its accumulators on the global mean, then the sums are reduced.
+    The global mean is found as a small correction to a shared reference (the mean of the
+    non-empty devices' means); every device then shifts onto that stored value exactly.
+    """
+    has = (m.count > 0).astype(m.mean.dtype)
+    n_has = jax.lax.psum(has, axis_name)
+    ref = jax.lax.psum(has * m.mean, axis_name) / jnp.maximum(n_has, 1)
+    n = jax.lax.psum(m.count, axis_name)
+    safe_n = jnp.where(n > 0, n, 1)
+    correction = jax.lax.psum(m.count * (m.mean - ref), axis_name) / safe_n
+    mean = ref + correction
+    shifted = _shift(m, mean - m.mean)
+    return Moments(
+        count=n,
+        mean=mean,
+        comoment=jax.lax.psum(shifted.comoment, axis_name),
+        row_cross=jax.lax.psum(shifted.row_cross, axis_name),
+        row_gram=jax.lax.psum(shifted.row_gram, axis_name),
+        sizes=m.sizes,
+    )
+
+
+def select(m: Moments, networks: Sequence[int]) -> Moments:
+    """The statistics of a subset of the networks, in the given order (static indices)."""
+    k = len(m.sizes)
+    networks = tuple(int(i) for i in networks)
+    if any(not 0 <= i < k for i in networks):
+        raise ValueError(f"expected network indices in [0, {k}), got {networks}")
+    offsets = m.offsets
+    cols = np.concatenate([np.arange(offsets[i], offsets[i] + m.sizes[i]) for i in networks])
+    idx = np.asarray(networks)
+    return Moments(
+        count=m.count,
+        mean=m.mean[cols],
+        comoment=m.comoment[np.ix_(cols, cols)],
+        row_cross=m.row_cross[np.ix_(cols, idx)],
+        row_gram=m.row_gram[np.ix_(idx, idx)],
+        sizes=tuple(m.sizes[i] for i in networks),
+    )
+
+
+def covariance(m: Moments, *, ddof: int = 1) -> jax.Array:
+    """[D, D] covariance ``comoment / (count - ddof)`` (0 where count <= ddof)."""
+    denom = m.count - ddof
+    return jnp.where(denom > 0, m.comoment / jnp.where(denom > 0, denom, 1), 0)

@@ -1,0 +1,220 @@
+"""Tests of sslsim_jax.stats against float64 NumPy references written here."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sslsim_jax import stats
+
+SIZES = (3, 5, 4)
+_update = jax.jit(stats.update)
+
+
+def reference(z, w, sizes):
+    """float64: count, mean, centred co-moment, Σ w (z-μ) rᵀ, Σ w r rᵀ (r: row norms² per net)."""
+    z = np.asarray(z, np.float64)
+    w = np.asarray(w, np.float64)
+    n = w.sum()
+    mu = w @ z / n
+    zc = z - mu
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    r = np.stack([(zc[:, seg == k] ** 2).sum(1) for k in range(len(sizes))], 1)
+    return n, mu, (zc * w[:, None]).T @ zc, (zc * w[:, None]).T @ r, (r * w[:, None]).T @ r
+
+
+def data(n=120, seed=0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    d = sum(SIZES)
+    z = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + shift
+    w = (rng.random(n) > 0.25).astype(np.float64)
+    return z, w
+
+
+def fields(m):
+    return m.count, m.mean, m.comoment, m.row_cross, m.row_gram
+
+
+def assert_matches(m, ref, rtol):
+    for got, want in zip(fields(m), ref, strict=True):
+        want = np.asarray(want)
+        scale = max(np.abs(want).max(), 1.0)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=rtol * scale, rtol=0)
+
+
+def test_one_batch_float64_with_weights():
+    z, w = data()
+    with jax.enable_x64(True):
+        m = stats.moments(z, where=w, sizes=SIZES)
+        assert_matches(m, reference(z, w, SIZES), 1e-12)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(cuts=st.lists(st.integers(1, 119), max_size=6, unique=True))
+def test_streaming_any_chunking_equals_one_pass(cuts):
+    # Chunks are weight masks over fixed-shape arrays so that one compiled update serves every
+    # example; `test_mask_equals_slicing_and_jit` covers masks == slices.
+    z, w = data(shift=3.0)
+    bounds = [0, *sorted(cuts), len(z)]
+    index = np.arange(len(z))
+    with jax.enable_x64(True):
+        m = stats.init(SIZES, jnp.float64)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            m = _update(m, z, where=w * ((index >= lo) & (index < hi)))
+        assert_matches(m, reference(z, w, SIZES), 1e-11)
+
+
+def test_merge_is_order_free():
+    z, w = data()
+    with jax.enable_x64(True):
+        parts = [
+            stats.moments(z[i : i + 30], where=w[i : i + 30], sizes=SIZES) for i in (0, 30, 60, 90)
+        ]
+        left = stats.merge(stats.merge(stats.merge(parts[0], parts[1]), parts[2]), parts[3])
+        tree = stats.merge(stats.merge(parts[3], parts[1]), stats.merge(parts[2], parts[0]))
+        chex.assert_trees_all_close(left, tree, rtol=1e-12, atol=1e-9)
+
+
+def test_merge_with_empty_and_all_masked_batches():
+    z, w = data()
+    with jax.enable_x64(True):
+        m = stats.merge(stats.init(SIZES, jnp.float64), stats.moments(z, where=w, sizes=SIZES))
+        m = stats.update(m, z[:10], where=np.zeros(10))
+        assert_matches(m, reference(z, w, SIZES), 1e-12)
+
+
+def about(z, w, sizes, centre):
+    """float64 co-moment, Σ w (z-c) rᵀ, Σ w r rᵀ about a given centre c."""
+    zc = np.asarray(z, np.float64) - np.asarray(centre, np.float64)
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    r = np.stack([(zc[:, seg == k] ** 2).sum(1) for k in range(len(sizes))], 1)
+    return (zc * w[:, None]).T @ zc, (zc * w[:, None]).T @ r, (r * w[:, None]).T @ r
+
+
+def test_float32_large_mean_matches_float64():
+    # wav2vec 2.0 outlier dimensions: |mean| >> std. Here |mean| = 1e4, std 1. A float32 mean of
+    # 1e4 is only known to 1 ulp (~1e-3), so the accumulators are checked about the centre they
+    # store (translation-invariant metrics need exactly that), the co-moment also about the
+    # exact mean (it depends on the centre only to second order).
+    rng = np.random.default_rng(1)
+    z = (rng.normal(size=(2000, 12)) + 1e4 * rng.choice([-1, 1], 12)).astype(np.float32)
+    w = np.ones(len(z))
+    exact = reference(z, w, (5, 7))
+    m = stats.init((5, 7))
+    for i in range(0, 2000, 300):
+        m = stats.update(m, z[i : i + 300])
+    assert m.comoment.dtype == jnp.float32
+    n = exact[0]
+    np.testing.assert_allclose(np.asarray(m.mean), exact[1], atol=2e-3)  # 2 ulps at 1e4
+    np.testing.assert_allclose(np.asarray(m.comoment) / n, exact[2] / n, atol=1e-4)
+    comoment, row_cross, row_gram = about(z, w, (5, 7), m.mean)
+    np.testing.assert_allclose(np.asarray(m.comoment) / n, comoment / n, atol=1e-4)
+    r_scale = np.abs(row_gram).max() / n
+    np.testing.assert_allclose(np.asarray(m.row_gram) / n, row_gram / n, atol=1e-4 * r_scale)
+    np.testing.assert_allclose(
+        np.asarray(m.row_cross) / n, row_cross / n, atol=1e-4 * np.sqrt(r_scale)
+    )
+
+
+def test_bfloat16_accumulates_in_float32():
+    z, _ = data()
+    zb = jnp.asarray(z + 100.0, jnp.bfloat16)
+    m = stats.moments(zb, sizes=SIZES)
+    assert m.comoment.dtype == jnp.float32
+    want = reference(np.asarray(zb.astype(jnp.float32)), np.ones(len(z)), SIZES)
+    np.testing.assert_allclose(np.asarray(m.comoment), want[2], atol=1e-4 * np.abs(want[2]).max())
+
+
+def test_mask_equals_slicing_and_jit():
+    z, w = data()
+    keep = w > 0
+    f = jax.jit(stats.moments, static_argnames="sizes")
+    masked = f(z.astype(np.float32), where=keep, sizes=SIZES)
+    sliced = f(z[keep].astype(np.float32), sizes=SIZES)
+    chex.assert_trees_all_close(masked, sliced, rtol=1e-5, atol=1e-4)
+
+
+def test_update_does_not_retrace():
+    z, _ = data()
+    z = z.astype(np.float32)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(m, batch):
+        return stats.update(m, batch)
+
+    m = stats.init(SIZES)
+    for i in range(0, 120, 40):
+        m = step(m, z[i : i + 40])
+
+
+def test_select_and_covariance():
+    z, w = data()
+    with jax.enable_x64(True):
+        m = stats.moments(z, where=w, sizes=SIZES)
+        sub = stats.select(m, (2, 0))
+        cols = np.r_[8:12, 0:3]
+        want = reference(z[:, cols], w, (4, 3))
+        assert sub.sizes == (4, 3)
+        assert_matches(sub, want, 1e-12)
+        np.testing.assert_allclose(
+            stats.covariance(m),
+            np.cov(z, rowvar=False, aweights=w, ddof=0) * w.sum() / (w.sum() - 1),
+            rtol=1e-10,
+        )
+
+
+def test_input_errors():
+    with pytest.raises(ValueError, match=r"expected z of shape \[N, D\], got \(3,\)"):
+        stats.moments(jnp.ones(3))
+    with pytest.raises(ValueError, match="sizes summing to D=4"):
+        stats.moments(jnp.ones((5, 4)), sizes=(1, 2))
+    with pytest.raises(ValueError, match=r"expected where of shape \[N\]"):
+        stats.moments(jnp.ones((5, 4)), where=jnp.ones(4))
+    with pytest.raises(ValueError, match="equal network sizes"):
+        stats.merge(stats.init((2,)), stats.init((1, 1)))
+
+
+_PSUM_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np, jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from sslsim_jax import stats
+    assert jax.device_count() == 4
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(400, 6)) + 1e3).astype(np.float32)
+    w = (rng.random(400) > 0.3).astype(np.float32)
+    w[:100] = 0  # one device sees only padding
+    mesh = jax.make_mesh((4,), ("data",))
+
+    def local(zb, wb):
+        return stats.psum(stats.moments(zb, where=wb, sizes=(2, 4)), "data")
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))
+    shard = jax.sharding.NamedSharding(mesh, P("data"))
+    got = f(jax.device_put(z, shard), jax.device_put(w, shard))
+    want = stats.moments(z, where=w, sizes=(2, 4))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, atol=2e-5 * max(1.0, np.abs(b).max()), rtol=0)
+    print("ok")
+    """
+)
+
+
+def test_psum_over_fake_devices_equals_one_pass():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", _PSUM_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout
