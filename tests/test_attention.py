@@ -348,6 +348,26 @@ def test_attention_cells():
     np.testing.assert_array_equal(cells[~valid], 0.0)  # NaN padding never leaks
 
 
+def test_attention_linear_cka_streams_through_stats():
+    representation = pytest.importorskip("sslsim_jax.metrics.representation")
+    rng = np.random.default_rng(7)
+    lengths = (6, 3, 5, 1)
+    maps_a, maps_b = random_maps(rng, 3, lengths), random_maps(rng, 4, lengths)
+    m = attention.cell_moments([jnp.asarray(maps_a[:2]), jnp.asarray(maps_b[:2])], lengths[:2])
+    t = max(lengths[2:])  # the second batch has its own padding
+    m = attention.update_cell_moments(
+        m, [jnp.asarray(maps_a[2:, :, :t, :t]), jnp.asarray(maps_b[2:, :, :t, :t])], lengths[2:]
+    )
+    assert float(m.count) == sum(n * n for n in lengths)
+    cka = representation.linear_cka_from_moments(m)
+    # NumPy float64: per utterance, the valid block flattened to [T², H], stacked, centred.
+    x = np.concatenate([maps_a[u, :, :n, :n].reshape(3, -1).T for u, n in enumerate(lengths)])
+    y = np.concatenate([maps_b[u, :, :n, :n].reshape(4, -1).T for u, n in enumerate(lengths)])
+    x, y = x - x.mean(0), y - y.mean(0)
+    ref = np.sum((x.T @ y) ** 2) / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    np.testing.assert_allclose(cka, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("shape_a", "shape_b", "lengths", "message"),
     [

@@ -32,7 +32,9 @@ Deliberate differences from the reference code of El Kheir et al.:
 
 Attention CKA / CCA treats heads as neurons and valid (query, key) cells as samples:
 ``attention_cells`` turns a padded batch into a [U*T*T, H] matrix with a validity weight per
-row, for the layer-level statistics.
+row, and ``cell_moments`` / ``update_cell_moments`` stream those cells into
+`sslsim_jax.stats.Moments`, on which every layer-level measure of `sslsim_jax.metrics` applies
+(e.g. ``linear_cka_from_moments``).
 
 References:
   El Kheir, Ali, Chowdhury, *Speech Representation Analysis based on Inter- and Intra-Model
@@ -44,16 +46,20 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sslsim_jax import stats
+
 __all__ = [
     "METHODS",
     "HeadSimilarityState",
     "attention_cells",
+    "cell_moments",
     "finalize",
     "head_similarity",
     "head_similarity_sums",
@@ -62,6 +68,7 @@ __all__ = [
     "layer_score",
     "merge_states",
     "split_layers",
+    "update_cell_moments",
     "update_state",
 ]
 
@@ -106,9 +113,9 @@ def _check_inputs(
             "expected maps_a and maps_b with the same utterances U and frames T, got "
             f"{tuple(jnp.shape(maps_a))} and {tuple(jnp.shape(maps_b))}"
         )
-    if lengths is not None and tuple(jnp.shape(lengths)) != (ua,):
+    if lengths is not None and tuple(jnp.asarray(lengths).shape) != (ua,):
         raise ValueError(
-            f"expected lengths of shape [U] = ({ua},), got {tuple(jnp.shape(lengths))}"
+            f"expected lengths of shape [U] = ({ua},), got {tuple(jnp.asarray(lengths).shape)}"
         )
     if method is not None and method not in METHODS:
         raise ValueError(f"expected method in {METHODS}, got {method!r}")
@@ -520,10 +527,48 @@ def attention_cells(
     """
     _check_maps("maps", maps)
     u, h, t, _ = maps.shape
-    if lengths is not None and tuple(jnp.shape(lengths)) != (u,):
-        raise ValueError(f"expected lengths of shape [U] = ({u},), got {tuple(jnp.shape(lengths))}")
+    if lengths is not None and tuple(jnp.asarray(lengths).shape) != (u,):
+        raise ValueError(
+            f"expected lengths of shape [U] = ({u},), got {tuple(jnp.asarray(lengths).shape)}"
+        )
     n = _lengths(lengths, u, t)
     masked, cell_ok = _masked(maps, n, _compute_dtype(maps))
     cells = masked.transpose(0, 2, 3, 1).reshape(u * t * t, h)  # [U, H, T, T] -> [U*T*T, H]
     weights = cell_ok.reshape(u * t * t).astype(cells.dtype)  # [U, 1, T, T] -> [U*T*T]
     return cells, weights
+
+
+def cell_moments(maps: Sequence[jax.Array], lengths: jax.Array | None = None) -> stats.Moments:
+    """Joint statistics of K layers' attention cells over one padded batch.
+
+    Heads are the neurons and valid (query, key) cells the samples (Σ_u T_u² of them); padded
+    cells get weight 0. Network k of the result is ``maps[k]``; pass two layers (or
+    ``stats.select`` two of many) to a ``*_from_moments`` measure, e.g.
+    ``linear_cka_from_moments(cell_moments([maps_a, maps_b], lengths))``.
+
+    Args:
+      maps: K arrays [U, H_k, T, T] of attention maps of the same utterances and frames.
+      lengths: [U] valid frames per utterance; None means all T valid.
+
+    Returns:
+      `stats.Moments` with ``sizes = (H_1, ..., H_K)`` and count Σ_u T_u².
+    """
+    if not maps:
+        raise ValueError("expected at least one array of maps")
+    for k, m in enumerate(maps):
+        _check_maps(f"maps[{k}]", m)
+        if m.shape[0] != maps[0].shape[0] or m.shape[2] != maps[0].shape[2]:
+            raise ValueError(
+                f"expected maps[{k}] with the same utterances U and frames T as maps[0], "
+                f"got {tuple(m.shape)} and {tuple(maps[0].shape)}"
+            )
+    pairs = [attention_cells(m, lengths) for m in maps]
+    cells = jnp.concatenate([c for c, _ in pairs], axis=1)  # K × [U*T*T, H_k] -> [U*T*T, ΣH]
+    return stats.moments(cells, where=pairs[0][1], sizes=[m.shape[1] for m in maps])
+
+
+def update_cell_moments(
+    m: stats.Moments, maps: Sequence[jax.Array], lengths: jax.Array | None = None
+) -> stats.Moments:
+    """Adds one padded batch of attention cells to ``m`` (see ``cell_moments``)."""
+    return stats.merge(m, cell_moments(maps, lengths))
