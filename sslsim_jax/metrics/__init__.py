@@ -1,0 +1,57 @@
+"""Similarity metrics: pure functions of activations or of their streaming statistics.
+
+`neuron`: Pearson correlations, `maxcorr` / `mincorr` and the Wu et al. neuron rankings.
+`representation`: `linreg`, `svcca`, `pwcca`, `linear_cka`, `debiased_cka`, `rbf_cka`,
+`procrustes`, each with a ``*_from_moments`` twin on `sslsim_jax.stats.Moments`.
+"""
+
+from sslsim_jax.metrics._core import ConstantNeuronWarning, RankDeficiencyWarning
+from sslsim_jax.metrics.neuron import (
+    NeuronMatch,
+    correlations,
+    maxcorr,
+    maxcorr_from_moments,
+    mincorr,
+    mincorr_from_moments,
+    neuron_ranking,
+)
+from sslsim_jax.metrics.representation import (
+    debiased_cka,
+    debiased_cka_from_moments,
+    linear_cka,
+    linear_cka_from_moments,
+    linreg,
+    linreg_from_moments,
+    procrustes,
+    procrustes_from_moments,
+    pwcca,
+    pwcca_from_moments,
+    rbf_cka,
+    svcca,
+    svcca_from_moments,
+)
+
+__all__ = [
+    "ConstantNeuronWarning",
+    "NeuronMatch",
+    "RankDeficiencyWarning",
+    "correlations",
+    "debiased_cka",
+    "debiased_cka_from_moments",
+    "linear_cka",
+    "linear_cka_from_moments",
+    "linreg",
+    "linreg_from_moments",
+    "maxcorr",
+    "maxcorr_from_moments",
+    "mincorr",
+    "mincorr_from_moments",
+    "neuron_ranking",
+    "procrustes",
+    "procrustes_from_moments",
+    "pwcca",
+    "pwcca_from_moments",
+    "rbf_cka",
+    "svcca",
+    "svcca_from_moments",
+]

@@ -1,0 +1,365 @@
+"""All-pairs kernels shared by the metric functions and `sslsim_jax.compare`.
+
+Everything here works on the joint statistics of K networks laid out as padded blocks
+[K, P, K, P] (P the widest network; narrower networks are padded with zero columns, which behave
+exactly like constant neurons: excluded from neuron means, zero in every cross product). The
+public pair functions call these with K = 2, `compare` with all networks at once, so a pair
+function and `compare` compute the same number by the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslsim_jax import stats
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# A neuron is constant when its standard deviation is below this many ulps of its scale
+# (|mean| or the largest std of its network): below that, float rounding is all it carries.
+_CONSTANT_ULPS = 8.0
+VARIANCE_RULES = ("below", "reach")
+
+
+class ConstantNeuronWarning(UserWarning):
+    """Some neurons are constant over the frames and were excluded (see docstrings)."""
+
+
+class RankDeficiencyWarning(UserWarning):
+    """Fewer frames than neurons: a network's co-moment is rank deficient."""
+
+
+class Blocks(NamedTuple):
+    """Joint statistics of K networks as padded blocks.
+
+    Attributes:
+        count: [] weighted frame count.
+        comoment: [K, P, K, P] centred co-moment blocks.
+        valid: [K, P] bool, neuron is real (not padding) and not constant.
+        real: [K, P] bool, neuron is real (not padding).
+        row_cross: [K, P, K] centred Zᵀ R (debiased CKA).
+        row_gram: [K, K] centred Rᵀ R (debiased CKA).
+    """
+
+    count: jax.Array
+    comoment: jax.Array
+    valid: jax.Array
+    real: jax.Array
+    row_cross: jax.Array
+    row_gram: jax.Array
+
+
+class Spectra(NamedTuple):
+    """Per-network eigendecomposition of the correlation matrix (descending eigenvalues).
+
+    Attributes:
+        inv_sd: [K, P] 1 / sqrt(co-moment diagonal) of valid neurons, 0 otherwise.
+        whiten: [K, P, P] Q = diag(inv_sd) V Λ^{-1/2} over the numerical rank (zero columns
+            beyond it), so Qᵀ C Q is the identity on the rank.
+        eigvals: [K, P] eigenvalues of the correlation co-moment, descending.
+        rank: [K] numerical rank.
+        kept: [K] number of leading directions kept by the SVCCA variance rule.
+    """
+
+    inv_sd: jax.Array
+    whiten: jax.Array
+    eigvals: jax.Array
+    rank: jax.Array
+    kept: jax.Array
+
+
+def check_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Input check shared by the pair functions: x: [N, Dx], y: [N, Dy]."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim != 2:
+        raise ValueError(f"expected x of shape [N, D], got {x.shape}")
+    if y.ndim != 2:
+        raise ValueError(f"expected y of shape [N, D], got {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"expected x and y with the same N frames, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def check_two(m: stats.Moments) -> None:
+    if len(m.sizes) != 2:
+        raise ValueError(
+            f"expected Moments of 2 networks (x, y), got sizes {m.sizes}; use stats.select"
+        )
+
+
+def blocks(m: stats.Moments) -> Blocks:
+    """Pad the joint statistics of m to [K, P, K, P] and find the constant neurons."""
+    sizes = m.sizes
+    k, p = len(sizes), max(sizes)
+    dtype = m.comoment.dtype
+    diag = jnp.diagonal(m.comoment)  # [D]
+    if all(s == p for s in sizes):
+        comoment = m.comoment.reshape(k, p, k, p)  # [K*P, K*P] -> [K, P, K, P]
+        row_cross = m.row_cross.reshape(k, p, k)
+        mean = m.mean.reshape(k, p)
+        diag = diag.reshape(k, p)
+        real = np.ones((k, p), bool)
+    else:
+        seg = stats.segment_ids(sizes)
+        pos = np.concatenate([np.arange(s) for s in sizes]) + seg * p  # column -> padded slot
+        comoment = jnp.zeros((k * p, k * p), dtype).at[np.ix_(pos, pos)].set(m.comoment)
+        comoment = comoment.reshape(k, p, k, p)
+        row_cross = jnp.zeros((k * p, k), dtype).at[pos].set(m.row_cross).reshape(k, p, k)
+        mean = jnp.zeros((k * p,), dtype).at[pos].set(m.mean).reshape(k, p)
+        diag = jnp.zeros((k * p,), dtype).at[pos].set(diag).reshape(k, p)
+        real = np.zeros((k * p,), bool)
+        real[pos] = True
+        real = real.reshape(k, p)
+    eps = jnp.finfo(dtype).eps
+    scale = m.count * mean**2 + jnp.max(diag, axis=1, keepdims=True)
+    valid = jnp.asarray(real) & (diag > (_CONSTANT_ULPS * eps) ** 2 * scale) & (diag > 0)
+    return Blocks(
+        count=m.count,
+        comoment=comoment,
+        valid=valid,
+        real=jnp.asarray(real),
+        row_cross=row_cross,
+        row_gram=m.row_gram,
+    )
+
+
+def default_rtol(width: int, dtype) -> float:
+    """Relative eigenvalue tolerance of the correlation co-moment: 10 · P · eps(dtype)."""
+    return 10.0 * width * float(jnp.finfo(dtype).eps)
+
+
+def inv_sd(b: Blocks) -> jax.Array:
+    """[K, P] 1 / sqrt(co-moment diagonal) of valid neurons, 0 for constant or padding."""
+    k = b.valid.shape[0]
+    idx = jnp.arange(k)
+    diag = jnp.diagonal(b.comoment[idx, :, idx, :], axis1=1, axis2=2)  # [K, P]
+    return jnp.where(b.valid, jax.lax.rsqrt(jnp.where(b.valid, diag, 1)), 0)
+
+
+def spectra(
+    b: Blocks, *, rtol: float | None = None, variance: float = 0.99, variance_rule: str = "below"
+) -> Spectra:
+    """Eigendecompose each network's correlation co-moment once (``eigh``, vmapped over K)."""
+    if variance_rule not in VARIANCE_RULES:
+        raise ValueError(f"expected variance_rule in {VARIANCE_RULES}, got {variance_rule!r}")
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"expected variance in (0, 1], got {variance}")
+    k, p = b.valid.shape
+    if rtol is None:
+        rtol = default_rtol(p, b.comoment.dtype)
+    idx = jnp.arange(k)
+    own = b.comoment[idx, :, idx, :]  # [K, P, P] diagonal blocks
+    isd = inv_sd(b)
+    corr = own * isd[:, :, None] * isd[:, None, :]
+    lam, vec = jnp.linalg.eigh(corr)
+    lam, vec = lam[:, ::-1], vec[:, :, ::-1]  # descending
+    lam = jnp.maximum(lam, 0)
+    in_rank = lam > rtol * lam[:, :1]
+    rank = jnp.sum(in_rank, axis=1)
+    whiten = vec * jnp.where(in_rank, jax.lax.rsqrt(jnp.where(in_rank, lam, 1)), 0)[:, None, :]
+    whiten = isd[:, :, None] * whiten
+    cum = jnp.cumsum(lam, axis=1)
+    below = jnp.sum(cum < variance * cum[:, -1:], axis=1)
+    if variance_rule == "below":
+        kept = jnp.maximum(below, 1)
+    else:
+        kept = jnp.minimum(below + 1, p)
+    kept = jnp.minimum(kept, rank)
+    return Spectra(inv_sd=isd, whiten=whiten, eigvals=lam, rank=rank, kept=kept)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+    total = jnp.sum(jnp.where(mask, values, 0), axis=axis)
+    count = jnp.sum(mask, axis=axis)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0)
+
+
+def neuron_best(b: Blocks, isd: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """best[a, i, b] = max_j |r(a_i, b_j)| and its argmax j (-1 if none): [K, P, K] each."""
+    corr = b.comoment * isd[:, :, None, None] * isd[None, None, :, :]
+    corr = jnp.abs(corr)
+    best = jnp.max(corr, axis=3)
+    matched = jnp.argmax(corr, axis=3).astype(jnp.int32)
+    has = b.valid[:, :, None] & jnp.any(b.valid, axis=1)[None, None, :]
+    return jnp.where(has, best, 0), jnp.where(has, matched, -1)
+
+
+def maxcorr_all(b: Blocks, isd: jax.Array) -> jax.Array:
+    """[K, K] mean over valid neurons of a of their best |r| in b."""
+    best, _ = neuron_best(b, isd)
+    return _masked_mean(best, b.valid[:, :, None], axis=1)
+
+
+def linear_cka_all(b: Blocks) -> jax.Array:
+    """[K, K] ‖C_ab‖²_F / (‖C_aa‖_F ‖C_bb‖_F), 0 where a network has no variance."""
+    sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [K, K]
+    d = jnp.diagonal(sq)
+    den = jnp.sqrt(d[:, None] * d[None, :])
+    return jnp.where(den > 0, sq / jnp.where(den > 0, den, 1), 0)
+
+
+def debiased_cka_all(b: Blocks) -> jax.Array:
+    """[K, K] CKA with the unbiased HSIC estimator, from centred accumulators (see docs)."""
+    n = b.count
+    sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [K, K] tr(K L) for centred linear kernels
+    k = b.valid.shape[0]
+    idx = jnp.arange(k)
+    tr = jnp.sum(jnp.diagonal(b.comoment[idx, :, idx, :], axis1=1, axis2=2), axis=1)  # [K]
+    m = b.row_gram
+    safe = jnp.where(n > 3, n, 4.0)
+    hsic = (sq - m + jnp.outer(tr, tr) / ((safe - 1) * (safe - 2)) - 2 * m / (safe - 2)) / (
+        safe * (safe - 3)
+    )
+    d = jnp.diagonal(hsic)
+    ok = (d[:, None] > 0) & (d[None, :] > 0)
+    den = jnp.sqrt(jnp.where(ok, d[:, None] * d[None, :], 1))
+    out = jnp.where(ok, hsic / den, 0)
+    return jnp.where(n > 3, out, jnp.nan)
+
+
+def linreg_all(b: Blocks, s: Spectra) -> jax.Array:
+    """[K, K] mean over valid neurons of a of √R² of predicting them from all of b."""
+    # [K, P, K, P] x [K, P, P] -> [K, P, K, P]: C_ab Q_b, rows scaled to standardised a.
+    proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=_HIGHEST)
+    proj = proj * s.inv_sd[:, :, None, None]
+    r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [K, P, K]
+    return _masked_mean(jnp.sqrt(r2), b.valid[:, :, None], axis=1)
+
+
+def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static indices of the unordered pairs a < b."""
+    ia, ib = np.triu_indices(k, 1)
+    return ia, ib
+
+
+def cca_all(
+    b: Blocks, s: Spectra, *, width: int, pwcca: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """SVCCA [K, K] and, when asked, PWCCA [K, K] for all pairs a < b (diagonal: 1).
+
+    ``width`` (static) is how many leading eigen-directions enter the per-pair SVD; any value at
+    least ``max(s.kept)`` gives the same result (`compare` uses exactly that, the pair
+    functions use P).
+    """
+    k = b.valid.shape[0]
+    keep = jnp.arange(width)[None, :] < s.kept[:, None]  # [K, W]
+    qk = s.whiten[:, :, :width] * keep[:, None, :]  # [K, P, W]
+    ia, ib = pair_index(k)
+    cross = b.comoment[ia, :, ib, :]  # [pairs, P, P]
+    # [pairs, W, P] @ [pairs, P, P] @ [pairs, P, W]: whitened cross block of kept directions.
+    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ia], cross, qk[ib], precision=_HIGHEST)
+    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
+    m = jnp.minimum(s.kept[ia], s.kept[ib])  # [pairs]
+    take = jnp.arange(width)[None, :] < m[:, None]  # [pairs, W]
+    rho = jnp.clip(rho, 0, 1)
+    sv = _masked_mean(rho, take, axis=1)
+    eye = jnp.where(s.kept > 0, 1.0, 0.0).astype(rho.dtype)
+    svcca = jnp.diag(eye).at[ia, ib].set(sv).at[ib, ia].set(sv)
+    if not pwcca:
+        return svcca, None
+    own = b.comoment[jnp.arange(k), :, jnp.arange(k), :]  # [K, P, P]
+    load = jnp.einsum("kpw,kpq->kwq", qk, own, precision=_HIGHEST)  # [K, W, P] <U_w, x_q>
+
+    def weighted(vecs: jax.Array, side: np.ndarray) -> jax.Array:
+        # [pairs, W, W]^T x [pairs, W, P] -> [pairs, W(canonical), P]: <h_k, x_j>.
+        align = jnp.abs(jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=_HIGHEST))
+        weight = jnp.where(take, jnp.sum(align, axis=2), 0)
+        total = jnp.sum(weight, axis=1)
+        return jnp.where(total > 0, jnp.sum(weight * rho, axis=1) / jnp.maximum(total, 1e-30), 0)
+
+    pw_ab = weighted(u, ia)
+    pw_ba = weighted(jnp.swapaxes(vt, 1, 2), ib)
+    pw = jnp.diag(eye).at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba)
+    return svcca, pw
+
+
+def procrustes_all(b: Blocks) -> jax.Array:
+    """[K, K] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb); 2 where a network has no variance."""
+    k = b.valid.shape[0]
+    idx = jnp.arange(k)
+    tr = jnp.sum(jnp.diagonal(b.comoment[idx, :, idx, :], axis1=1, axis2=2), axis=1)  # [K]
+    ia, ib = pair_index(k)
+    nuc = jnp.sum(jnp.linalg.svd(b.comoment[ia, :, ib, :], compute_uv=False), axis=1)
+    den = jnp.sqrt(tr[ia] * tr[ib])
+    dist = jnp.where(den > 0, 2 - 2 * nuc / jnp.where(den > 0, den, 1), 2.0)
+    self_dist = jnp.where(tr > 0, 0.0, 2.0).astype(dist.dtype)
+    return jnp.diag(self_dist).at[ia, ib].set(dist).at[ib, ia].set(dist)
+
+
+def is_traced(*arrays) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
+
+
+def warn_degenerate(
+    count: jax.Array,
+    valid: jax.Array,
+    real: jax.Array,
+    *,
+    rank_sensitive: bool,
+    names: tuple[str, ...] | None = None,
+) -> None:
+    """Warn (once per call, outside jit only) about constant neurons and N <= D.
+
+    Args:
+        count: [] frame count; valid, real: [K, P] masks of `Blocks`.
+        rank_sensitive: also warn when N <= D (whitening-based metrics).
+        names: K network names for the message.
+    """
+    if is_traced(count, valid, real):
+        return
+    names = names or tuple(f"network {i}" for i in range(valid.shape[0]))
+    const = np.asarray(jnp.sum(real & ~valid, axis=1))
+    widths = np.asarray(jnp.sum(real, axis=1))
+    if const.any():
+        detail = ", ".join(
+            f"{n}: {c}/{w}" for n, c, w in zip(names, const, widths, strict=True) if c
+        )
+        warnings.warn(
+            f"constant neurons excluded ({detail}); they count in no neuron mean and match nothing",
+            ConstantNeuronWarning,
+            stacklevel=3,
+        )
+    n = float(count)
+    if rank_sensitive and (widths >= n).any():
+        warnings.warn(
+            f"N={n:g} frames <= D={int(widths.max())} neurons: co-moments are rank deficient; "
+            "whitening uses the numerical rank (linreg reaches 1, CCA saturates)",
+            RankDeficiencyWarning,
+            stacklevel=3,
+        )
+
+
+joint_pair = jax.jit(lambda x, y, where: stats.joint_moments([x, y], where=where))
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "rtol", "variance", "variance_rule"))
+def pair_metric(
+    m: stats.Moments,
+    *,
+    metric: str,
+    rtol: float | None = None,
+    variance: float = 0.99,
+    variance_rule: str = "below",
+):
+    """Value [] of one metric for networks (0, 1) of m, with the masks needed for warnings."""
+    b = blocks(m)
+    if metric == "linreg":
+        value = linreg_all(b, spectra(b, rtol=rtol))
+    elif metric in ("svcca", "pwcca"):
+        s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
+        sv, pw = cca_all(b, s, width=b.valid.shape[1], pwcca=metric == "pwcca")
+        value = sv if metric == "svcca" else pw
+    elif metric == "linear_cka":
+        value = linear_cka_all(b)
+    elif metric == "debiased_cka":
+        value = debiased_cka_all(b)
+    elif metric == "procrustes":
+        value = procrustes_all(b)
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    return value[0, 1], b.count, b.valid, b.real
