@@ -1,0 +1,213 @@
+"""All (network, network) pairs at once, from one joint statistics pass.
+
+`compare` stacks the K networks side by side (Z: [N, ΣD_k]), accumulates their joint
+`sslsim_jax.stats.Moments` batch by batch (only the upper blocks of the symmetric co-moment are
+multiplied), then computes every metric for every ordered pair with batched kernels of
+`sslsim_jax.metrics._core`: one ``eigh`` per network (vmapped), one einsum for all linreg
+solves, one ``svd`` per unordered pair (vmapped; both CCA directions and PWCCA weights come from
+it), block norms for CKA. The per-pair SVD uses only as many eigen-directions as the largest
+number SVCCA keeps, so its cost follows the data's effective rank.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from sslsim_jax import stats
+from sslsim_jax.metrics import _core
+from sslsim_jax.metrics.representation import rbf_cka_matrix
+
+__all__ = ["METRICS", "compare", "compare_moments"]
+
+METRICS = (
+    "maxcorr",
+    "linreg",
+    "svcca",
+    "pwcca",
+    "linear_cka",
+    "debiased_cka",
+    "procrustes",
+    "rbf_cka",
+)
+_DEFAULT = ("maxcorr", "linreg", "svcca", "pwcca", "linear_cka")
+_SPECTRAL = {"linreg", "svcca", "pwcca"}
+
+_moments = jax.jit(stats.moments, static_argnames="sizes")
+_merge = jax.jit(stats.merge)
+
+
+@functools.partial(jax.jit, static_argnames=("variance", "variance_rule", "rtol", "spectral"))
+def _stage1(m, *, variance, variance_rule, rtol, spectral):
+    b = _core.blocks(m)
+    s = _core.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
+    return b, (s if spectral else None), _core.inv_sd(b)
+
+
+@functools.partial(jax.jit, static_argnames=("metrics", "width"))
+def _stage2(b, s, isd, *, metrics, width):
+    out = {}
+    if "maxcorr" in metrics:
+        out["maxcorr"] = _core.maxcorr_all(b, isd)
+    if "linreg" in metrics:
+        out["linreg"] = _core.linreg_all(b, s)
+    if "svcca" in metrics or "pwcca" in metrics:
+        out["svcca"], out["pwcca"] = _core.cca_all(b, s, width=width, pwcca="pwcca" in metrics)
+    if "linear_cka" in metrics:
+        out["linear_cka"] = _core.linear_cka_all(b)
+    if "debiased_cka" in metrics:
+        out["debiased_cka"] = _core.debiased_cka_all(b)
+    if "procrustes" in metrics:
+        out["procrustes"] = _core.procrustes_all(b)
+    return {k: v for k, v in out.items() if k in metrics}
+
+
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"expected metrics among {METRICS}, got {metrics}")
+    return metrics
+
+
+def compare_moments(
+    m: stats.Moments,
+    names: Sequence[str],
+    *,
+    metrics: Sequence[str] = _DEFAULT,
+    variance: float = 0.99,
+    variance_rule: str = "below",
+    rtol: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Every requested metric for every ordered pair, from joint statistics.
+
+    Args:
+        m: joint `stats.Moments` of the K networks.
+        names: K network names (for warnings).
+        metrics: names among `METRICS` except "rbf_cka".
+        variance, variance_rule, rtol: SVCCA/PWCCA/linreg options (see `metrics.svcca`).
+
+    Returns:
+        metric name -> [K, K] NumPy array, entry [a, b] = metric(network a, network b)
+        (x-centric metrics: a in terms of b).
+    """
+    metrics = _check_metrics(metrics)
+    if "rbf_cka" in metrics:
+        raise ValueError("rbf_cka needs raw activations: use compare(...)")
+    if len(names) != len(m.sizes):
+        raise ValueError(f"expected {len(m.sizes)} names, got {len(names)}")
+    spectral = bool(_SPECTRAL & set(metrics))
+    b, s, isd = _stage1(
+        m, variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral
+    )
+    _core.warn_degenerate(b.count, b.valid, b.real, rank_sensitive=spectral, names=tuple(names))
+    width = max(1, int(jnp.max(s.kept))) if spectral else 1
+    out = _stage2(b, s, isd, metrics=metrics, width=width)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _batches(networks, where):
+    if isinstance(networks, Mapping):
+        yield networks, where
+        return
+    if where is not None:
+        raise ValueError("with streamed batches, pass (mapping, where) pairs instead of where=")
+    for item in networks:
+        if isinstance(item, Mapping):
+            yield item, None
+        else:
+            mapping, mask = item
+            yield mapping, mask
+
+
+def compare(
+    networks: Mapping[str, jax.Array] | Iterable[Mapping[str, jax.Array]],
+    *,
+    metrics: Sequence[str] = _DEFAULT,
+    where: jax.Array | None = None,
+    variance: float = 0.99,
+    variance_rule: str = "below",
+    rtol: float | None = None,
+    rbf_max_frames: int = 4096,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Compare every network with every other network (and itself).
+
+    Args:
+        networks: mapping name -> [N, D_name] activations of the same N frames; or an iterable
+            of such mappings (batches of frames, streamed: only the joint statistics are kept),
+            whose items may also be ``(mapping, where)`` pairs.
+        metrics: names among `METRICS` (default: maxcorr, linreg, svcca, pwcca, linear_cka).
+            "rbf_cka" needs a single mapping (it uses raw frames, see `metrics.rbf_cka`).
+        where: optional [N] frame mask or frequency weights of a single mapping.
+        variance, variance_rule, rtol: SVCCA/PWCCA/linreg options (see `metrics.svcca`).
+        rbf_max_frames, seed: frame subsample of rbf_cka.
+
+    Returns:
+        DataFrame with columns network_a, network_b, metric, value: one row per ordered pair
+        (a, b), a == b included, for each metric; x-centric metrics (maxcorr, linreg, pwcca)
+        give a's score in terms of b, symmetric ones are listed in both orders.
+    """
+    metrics = _check_metrics(metrics)
+    names: list[str] | None = None
+    m = None
+    single = isinstance(networks, Mapping)
+    for mapping, mask in _batches(networks, where):
+        if names is None:
+            names = list(mapping)
+            if not names:
+                raise ValueError("expected at least one network")
+        elif list(mapping) != names:
+            raise ValueError(f"expected the networks {names} in every batch, got {list(mapping)}")
+        arrays = [jnp.asarray(mapping[n]) for n in names]
+        for n, x in zip(names, arrays, strict=True):
+            if x.ndim != 2 or x.shape[0] != arrays[0].shape[0]:
+                raise ValueError(
+                    f"expected {n} of shape [N, D] with N={arrays[0].shape[0]}, got {x.shape}"
+                )
+        sizes = tuple(x.shape[1] for x in arrays)
+        if m is not None and sizes != m.sizes:
+            raise ValueError(f"expected network widths {m.sizes}, got {sizes}")
+        dtype = jnp.result_type(*arrays)
+        z = jnp.concatenate([x.astype(dtype) for x in arrays], axis=1)  # [N, ΣD]
+        batch = _moments(z, where=mask, sizes=sizes)
+        m = batch if m is None else _merge(m, batch)
+    if m is None:
+        raise ValueError("expected at least one batch of networks")
+    results = compare_moments(
+        m,
+        names,
+        metrics=[x for x in metrics if x != "rbf_cka"] or ["linear_cka"],
+        variance=variance,
+        variance_rule=variance_rule,
+        rtol=rtol,
+    )
+    if "rbf_cka" in metrics:
+        if not single:
+            raise ValueError("rbf_cka needs a single mapping of raw activations, not batches")
+        results["rbf_cka"] = np.asarray(
+            rbf_cka_matrix(
+                [networks[n] for n in names], where=where, max_frames=rbf_max_frames, seed=seed
+            )
+        )
+    k = len(names)
+    a_idx, b_idx = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    frames = [
+        pd.DataFrame(
+            {
+                "network_a": np.asarray(names, dtype=object)[a_idx.ravel()],
+                "network_b": np.asarray(names, dtype=object)[b_idx.ravel()],
+                "metric": metric,
+                "value": results[metric].ravel().astype(np.float64),
+            }
+        )
+        for metric in metrics
+    ]
+    return pd.concat(frames, ignore_index=True)

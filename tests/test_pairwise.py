@@ -1,0 +1,82 @@
+"""Tests of sslsim_jax.compare: all pairs at once equal the pair functions."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from sslsim_jax import metrics
+from sslsim_jax.pairwise import METRICS, compare
+
+
+def networks(n=150, seed=0):
+    """Three networks of mixed widths sharing a latent, with independent noise."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 10))
+    out = {}
+    for name, d in [("m:0", 8), ("m:1", 8), ("other:3", 11)]:
+        out[name] = latent @ rng.normal(size=(10, d)) + 0.8 * rng.normal(size=(n, d)) + 5.0
+    return out
+
+
+PAIR = {
+    "maxcorr": lambda x, y: metrics.maxcorr(x, y).score,
+    "linreg": metrics.linreg,
+    "svcca": metrics.svcca,
+    "pwcca": metrics.pwcca,
+    "linear_cka": metrics.linear_cka,
+    "debiased_cka": metrics.debiased_cka,
+    "procrustes": metrics.procrustes,
+    "rbf_cka": metrics.rbf_cka,
+}
+
+
+def test_compare_equals_pair_functions_for_every_ordered_pair():
+    nets = networks()
+    with jax.enable_x64(True):
+        df = compare(nets, metrics=METRICS)
+        assert list(df.columns) == ["network_a", "network_b", "metric", "value"]
+        assert len(df) == len(METRICS) * 9
+        for row in df.itertuples():
+            if row.network_a == row.network_b:
+                want = 0.0 if row.metric == "procrustes" else 1.0
+            else:
+                want = float(PAIR[row.metric](nets[row.network_a], nets[row.network_b]))
+            np.testing.assert_allclose(row.value, want, atol=1e-8, err_msg=str(row))
+
+
+def test_streamed_batches_with_masks_equal_one_pass():
+    nets = networks()
+    mask = np.random.default_rng(1).random(150) > 0.2
+    names = ("maxcorr", "linreg", "svcca", "pwcca", "linear_cka", "debiased_cka", "procrustes")
+    with jax.enable_x64(True):
+        one = compare({k: v[mask] for k, v in nets.items()}, metrics=names)
+        batches = [
+            ({k: v[lo : lo + 40] for k, v in nets.items()}, mask[lo : lo + 40])
+            for lo in range(0, 150, 40)
+        ]
+        streamed = compare(iter(batches), metrics=names)
+    np.testing.assert_allclose(streamed.value, one.value, atol=1e-9)
+
+
+def test_float32_default_and_constant_network_warns():
+    nets = {k: v.astype(np.float32) for k, v in networks().items()}
+    nets["dead"] = np.zeros((150, 4), np.float32)
+    with pytest.warns(metrics.ConstantNeuronWarning, match="dead: 4/4"):
+        df = compare(nets)
+    assert np.isfinite(df.value).all()
+    got = df.query("network_a == 'm:0' and network_b == 'm:1' and metric == 'linear_cka'")
+    np.testing.assert_allclose(
+        got.value.item(), float(metrics.linear_cka(nets["m:0"], nets["m:1"])), atol=1e-6
+    )
+
+
+def test_errors():
+    nets = networks()
+    with pytest.raises(ValueError, match="expected metrics among"):
+        compare(nets, metrics=("cosine",))
+    with pytest.raises(ValueError, match=r"expected m:1 of shape \[N, D\]"):
+        compare({"m:0": nets["m:0"], "m:1": nets["m:1"][:10]})
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="rbf_cka needs a single"):
+        compare([nets, nets], metrics=("rbf_cka",))
