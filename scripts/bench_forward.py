@@ -42,7 +42,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     dev = jax.devices()[0]
-    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {dev.platform} ({dev.device_kind})"  # noqa: E501
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, {dev.platform}"
 
 
 def timed(fn, reps: int) -> float:
@@ -84,9 +84,7 @@ def main(argv=None) -> int:
     from sslsim_jax.models import ModelConfig
 
     print(f"# machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(
-        f"# {args.seconds:g} s of audio per utterance; precision={args.precision}; median of {args.reps}"
-    )  # noqa: E501
+    print(f"# {args.seconds:g} s audio each; precision={args.precision}; median of {args.reps}")
     print("| model | batch | jax compile (s) | jax (s) | torch eager (s) | torch / jax |")
     print("|---|---|---|---|---|---|")
     samples = int(args.seconds * 16000)
