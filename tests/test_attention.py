@@ -205,6 +205,23 @@ def test_exact_zeros_and_uniform_rows_give_finite_values():
             np.testing.assert_allclose(s, ref_similarity(a, b, [t], method), atol=1e-5)
 
 
+def test_fro_self_distance_is_within_the_documented_float32_floor():
+    # Docstring: in float32 a zero distance comes back as up to ≈ 10 √ε ‖Ac‖ (Gram cancellation).
+    rng = np.random.default_rng(8)
+    lengths = (40, 25)
+    maps = random_maps(rng, 6, lengths)
+    s = _similarity(maps, maps, lengths, "fro")
+    norms = [
+        np.linalg.norm(c - c.mean(-1, keepdims=True), axis=(1, 2))
+        for c in (maps[u, :, :n, :n] for u, n in enumerate(lengths))
+    ]
+    floor = 10 * np.sqrt(np.finfo(np.float32).eps) * np.mean(norms, 0)
+    assert np.all(np.abs(1.0 - np.diag(s)) <= floor)
+    with jax.enable_x64(True):
+        s64 = attention.head_similarity(jnp.asarray(maps), jnp.asarray(maps), jnp.array(lengths))
+        np.testing.assert_allclose(np.diag(s64), 1.0, atol=1e-6)
+
+
 def test_bfloat16_maps_are_computed_in_float32(batch):
     maps_a, maps_b = batch
     a16 = jnp.asarray(maps_a, jnp.bfloat16)
