@@ -323,6 +323,23 @@ def test_all_layers_at_once_equal_layer_by_layer(method):
     assert score.shape == (la, lb) and matched.shape == (la, lb, h)
 
 
+@pytest.mark.parametrize("method", attention.METHODS)
+def test_vmap_over_layers_equals_a_loop(method):
+    rng = np.random.default_rng(9)
+    lengths = (5, 3)
+    layers = np.stack([random_maps(rng, 2, lengths) for _ in range(3)])  # [L, U, H, T, T]
+    other = random_maps(rng, 3, lengths)
+    vmapped = jax.jit(
+        jax.vmap(
+            lambda a: attention.head_similarity(a, jnp.asarray(other), jnp.array(lengths), method)
+        )
+    )(jnp.asarray(layers))
+    for i in range(3):
+        np.testing.assert_allclose(
+            vmapped[i], _similarity(layers[i], other, lengths, method), atol=1e-6
+        )
+
+
 def _similarity(maps_a, maps_b, lengths, method):
     return attention.finalize(_sums(maps_a, maps_b, lengths, method))
 
