@@ -1,0 +1,1066 @@
+"""Tables and figures from saved results: heatmaps, fine-tuning plots and ``report.html``.
+
+The report reads only the files a run leaves in its output directory (the pipeline writes them;
+nothing here runs a model):
+
+- ``similarities.csv``: ``model_a, layer_a, model_b, layer_b, metric, value`` and, when
+  bootstrapped, ``ci_low, ci_high``. Layers are strings: ``"0"`` … ``"L"`` (0 = transformer
+  input, i = output of block i) and ``"final"`` (final LayerNorm of pre-LN models), which
+  sorts after the numbers. Both orders of every pair are present.
+- ``attention_heads.csv`` (optional): ``model_a, layer_a, head_a, model_b, layer_b, head_b,
+  method, value``.
+- ``neurons.csv`` (optional): ``model_a, layer_a, neuron_a, model_b, layer_b,
+  matched_neuron_b, correlation``.
+- ``run.json``: models (name, path, config hash, …), fine-tune pairs, frame and utterance
+  counts, settings and versions.
+
+Conventions of every matrix figure: rows (y axis) are the layers of ``model_a``, columns
+(x axis) the layers of ``model_b``, layer 0 at the top left as in the tables. The x-centric
+metrics (maxcorr, linreg, pwcca and the attention metrics) describe the row network *in terms
+of* the column network and are not symmetric; the figures say so. Procrustes is a distance
+(lower = more similar) and is drawn with the reversed colour map, so that bright means similar
+in every figure. Figures are built on `matplotlib.figure.Figure` with the Agg canvas, never
+through ``pyplot``, so no global figure state is kept between calls.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "METRIC_INFO",
+    "Results",
+    "ResultsError",
+    "attention_head_grid",
+    "attention_head_heatmap",
+    "build_report",
+    "finetune_plot",
+    "heatmap",
+    "layer_order",
+    "read_results",
+]
+
+SIMILARITY_COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "metric", "value")
+CI_COLUMNS = ("ci_low", "ci_high")
+HEAD_COLUMNS = ("model_a", "layer_a", "head_a", "model_b", "layer_b", "head_b", "method", "value")
+NEURON_COLUMNS = (
+    "model_a",
+    "layer_a",
+    "neuron_a",
+    "model_b",
+    "layer_b",
+    "matched_neuron_b",
+    "correlation",
+)
+# Grids up to this many rows and columns get their values written in the cells.
+ANNOTATE_MAX = 13
+_DPI = 120
+
+
+class MetricInfo(NamedTuple):
+    """How a metric is labelled and coloured.
+
+    Attributes:
+      label: human-readable name.
+      low: fixed lower end of the colour range, or None to extend to the data (down to 0 at
+        least).
+      high: fixed upper end of the colour range.
+      x_centric: the row network is described in terms of the column network (asymmetric).
+      distance: lower values mean more similar.
+    """
+
+    label: str
+    low: float | None
+    high: float
+    x_centric: bool
+    distance: bool = False
+
+
+METRIC_INFO: dict[str, MetricInfo] = {
+    "maxcorr": MetricInfo("max correlation", 0.0, 1.0, True),
+    "linreg": MetricInfo("linear regression √R²", 0.0, 1.0, True),
+    "svcca": MetricInfo("SVCCA", 0.0, 1.0, False),
+    "pwcca": MetricInfo("PWCCA", 0.0, 1.0, True),
+    "linear_cka": MetricInfo("linear CKA", 0.0, 1.0, False),
+    # The unbiased HSIC estimator can be slightly negative at small N.
+    "debiased_cka": MetricInfo("debiased CKA", None, 1.0, False),
+    "procrustes": MetricInfo("Procrustes distance", 0.0, 2.0, False, distance=True),
+    "rbf_cka": MetricInfo("RBF CKA", 0.0, 1.0, False),
+    # 1 − mean ‖A − B‖_F is unbounded below (sslsim_jax.metrics.attention).
+    "attention_fro": MetricInfo("attention 1 − Frobenius distance", None, 1.0, True),
+    "attention_pearson": MetricInfo("attention Pearson r", None, 1.0, True),
+    # 1 − JS divergence (natural log) lies in [1 − ln 2, 1].
+    "attention_js": MetricInfo("attention 1 − Jensen–Shannon", 1.0 - math.log(2.0), 1.0, True),
+}
+HEAD_METHOD_INFO: dict[str, MetricInfo] = {
+    "fro": METRIC_INFO["attention_fro"]._replace(label="1 − Frobenius distance"),
+    "pearson": METRIC_INFO["attention_pearson"]._replace(label="Pearson r"),
+    "js": METRIC_INFO["attention_js"]._replace(label="1 − Jensen–Shannon"),
+}
+
+
+def _info(metric: str) -> MetricInfo:
+    # Unknown metrics are drawn with a data-driven range and labelled with their raw name.
+    return METRIC_INFO.get(metric, MetricInfo(metric, None, 1.0, True))
+
+
+def _direction(info: MetricInfo) -> str:
+    return "lower = more similar" if info.distance else "higher = more similar"
+
+
+class ResultsError(ValueError):
+    """A result file is missing or does not follow the file contract; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+_LAYER = re.compile(r"^(0|[1-9][0-9]*)$")
+
+
+def _layer_key(layer: str) -> tuple[int, int, str]:
+    if _LAYER.match(layer):
+        return (0, int(layer), "")
+    if layer == "final":
+        return (1, 0, "")
+    return (2, 0, layer)
+
+
+def layer_order(layers: Iterable[str]) -> list[str]:
+    """Distinct layer names in network order: ``"0"``, ``"1"``, …, ``"10"``, then ``"final"``.
+
+    Args:
+      layers: layer names (strings), with repeats.
+
+    Returns:
+      The distinct names, numbers by value, ``"final"`` after them, anything else last.
+    """
+    return sorted(set(layers), key=_layer_key)
+
+
+@dataclass(frozen=True)
+class Results:
+    """The saved results of one run, as read by `read_results`.
+
+    Attributes:
+      out_dir: the output directory.
+      run: the parsed ``run.json``.
+      similarities: the tidy similarity table; model and layer columns are strings, ``value``
+        (and ``ci_low``, ``ci_high`` when present) floats.
+      attention_heads: the head-level table, or None when the run wrote none.
+      neurons: the neuron-level table, or None when the run wrote none.
+    """
+
+    out_dir: Path
+    run: dict[str, Any]
+    similarities: pd.DataFrame
+    attention_heads: pd.DataFrame | None = None
+    neurons: pd.DataFrame | None = None
+    models: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = [m["name"] for m in self.run["models"]]
+        object.__setattr__(self, "models", names)
+
+    @property
+    def frames(self) -> int | None:
+        """Valid frames pooled over all utterances, or None when run.json does not say."""
+        return self.run.get("frames")
+
+    @property
+    def finetune_pairs(self) -> list[tuple[str, str]]:
+        """(pre-trained, fine-tuned) model name pairs."""
+        return [(a, b) for a, b in self.run.get("finetune_pairs", [])]
+
+    @property
+    def has_ci(self) -> bool:
+        """Whether the similarity table carries bootstrap confidence intervals."""
+        return all(c in self.similarities.columns for c in CI_COLUMNS)
+
+
+def _read_csv(
+    path: Path,
+    columns: Sequence[str],
+    *,
+    text: Sequence[str],
+    numbers: Sequence[str],
+    integers: Sequence[str] = (),
+    optional_numbers: Sequence[str] = (),
+) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: not a readable CSV file ({e})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ResultsError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(repr(c) for c in missing)} (has {list(frame.columns)})"
+        )
+    present_optional = [c for c in optional_numbers if c in frame.columns]
+    if present_optional and len(present_optional) != len(optional_numbers):
+        absent = [c for c in optional_numbers if c not in frame.columns]
+        raise ResultsError(
+            f"{path}: has column {present_optional[0]!r} but not {absent[0]!r} "
+            f"(confidence intervals need both)"
+        )
+    for c in text:
+        empty = frame.index[frame[c].str.strip() == ""]
+        if len(empty):
+            raise ResultsError(f"{path}: column {c!r} is empty in data row {empty[0] + 1}")
+    for c in (*numbers, *integers, *present_optional):
+        raw = frame[c].str.strip()
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = values.isna() & ~raw.str.lower().isin(["", "nan"])
+        if c in integers:
+            bad |= values.isna() | (values != values.round())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            kind = "an integer" if c in integers else "a number"
+            raise ResultsError(
+                f"{path}: column {c!r} expects {kind}, got {frame[c].iloc[i]!r} in data row {i + 1}"
+            )
+        frame[c] = values.astype(int) if c in integers else values.astype(float)
+    for c in ("layer_a", "layer_b"):
+        if c in frame.columns:
+            bad_layers = sorted({x for x in frame[c] if _layer_key(x)[0] == 2})
+            if bad_layers:
+                raise ResultsError(
+                    f"{path}: column {c!r} expects a layer number or 'final', got {bad_layers[0]!r}"
+                )
+    return frame
+
+
+def _check_unique(frame: pd.DataFrame, path: Path, key: Sequence[str]) -> None:
+    dup = frame.duplicated(list(key))
+    if dup.any():
+        row = frame[dup].iloc[0]
+        raise ResultsError(f"{path}: duplicate row for {', '.join(f'{k}={row[k]}' for k in key)}")
+
+
+def _check_models(frame: pd.DataFrame, path: Path, models: Sequence[str]) -> None:
+    for c in ("model_a", "model_b"):
+        unknown = sorted(set(frame[c]) - set(models))
+        if unknown:
+            raise ResultsError(
+                f"{path}: column {c!r} names model {unknown[0]!r}, which run.json does not "
+                f"list (models: {list(models)})"
+            )
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(run).__name__}")
+    models = run.get("models")
+    if models is None:
+        raise ResultsError(f"{path}: missing key 'models'")
+    if not isinstance(models, list) or not models:
+        raise ResultsError(f"{path}: key 'models' expects a non-empty list, got {models!r}")
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
+            raise ResultsError(f"{path}: models[{i}] expects an object with a 'name', got {m!r}")
+    names = [m["name"] for m in models]
+    if len(set(names)) != len(names):
+        raise ResultsError(f"{path}: duplicate model names in 'models': {names}")
+    for i, pair in enumerate(run.get("finetune_pairs", [])):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and set(pair) <= set(names)):
+            raise ResultsError(
+                f"{path}: finetune_pairs[{i}] expects [pre-trained, fine-tuned] model names "
+                f"from 'models' {names}, got {pair!r}"
+            )
+    frames = run.get("frames")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)):
+        raise ResultsError(f"{path}: key 'frames' expects an integer, got {frames!r}")
+    for key, kind in (("utterances", list), ("settings", dict), ("versions", dict)):
+        if key in run and not isinstance(run[key], kind):
+            raise ResultsError(
+                f"{path}: key {key!r} expects a JSON {'array' if kind is list else 'object'}"
+            )
+    return run
+
+
+def read_results(out_dir: str | os.PathLike[str]) -> Results:
+    """Reads and validates the result files of one run.
+
+    Args:
+      out_dir: the run's output directory.
+
+    Returns:
+      The parsed `Results`.
+
+    Raises:
+      ResultsError: a required file (``run.json``, ``similarities.csv``) is missing, or any file
+        breaks the contract (missing column, non-numeric value, unknown layer or model name,
+        duplicate row, only one of ``ci_low``/``ci_high``); the message names file and column.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ResultsError(f"{out}: not a directory")
+    run = _read_run(out / "run.json")
+    models = [m["name"] for m in run["models"]]
+
+    sim_path = out / "similarities.csv"
+    similarities = _read_csv(
+        sim_path,
+        SIMILARITY_COLUMNS,
+        text=("model_a", "layer_a", "model_b", "layer_b", "metric"),
+        numbers=("value",),
+        optional_numbers=CI_COLUMNS,
+    )
+    _check_models(similarities, sim_path, models)
+    _check_unique(similarities, sim_path, SIMILARITY_COLUMNS[:5])
+
+    heads = None
+    head_path = out / "attention_heads.csv"
+    if head_path.exists():
+        heads = _read_csv(
+            head_path,
+            HEAD_COLUMNS,
+            text=("model_a", "layer_a", "model_b", "layer_b", "method"),
+            numbers=("value",),
+            integers=("head_a", "head_b"),
+        )
+        _check_models(heads, head_path, models)
+        _check_unique(heads, head_path, HEAD_COLUMNS[:7])
+
+    neurons = None
+    neuron_path = out / "neurons.csv"
+    if neuron_path.exists():
+        neurons = _read_csv(
+            neuron_path,
+            NEURON_COLUMNS,
+            text=("model_a", "layer_a", "model_b", "layer_b"),
+            numbers=("correlation",),
+            integers=("neuron_a", "matched_neuron_b"),
+        )
+        _check_models(neurons, neuron_path, models)
+    return Results(out, run, similarities, heads, neurons)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colour_range(info: MetricInfo, values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    low, high = info.low, info.high
+    if low is None:
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+    if finite.size:
+        # Extend a fixed range rather than clip values outside it (e.g. debiased CKA > 1).
+        low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return low, high
+
+
+def _cmap(info: MetricInfo) -> matplotlib.colors.Colormap:
+    cmap = matplotlib.colormaps["viridis_r" if info.distance else "viridis"]
+    return cmap.with_extremes(bad="#d9d9d9")
+
+
+def _tick_size(n: int) -> float:
+    return 9.0 if n <= ANNOTATE_MAX else 7.0 if n <= 30 else 6.0
+
+
+def _draw_matrix(
+    ax: Any,
+    matrix: np.ndarray,
+    *,
+    info: MetricInfo,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    vrange: tuple[float, float],
+    annotate: bool,
+) -> matplotlib.image.AxesImage:
+    cmap = _cmap(info)
+    norm = matplotlib.colors.Normalize(*vrange)
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, aspect="equal", origin="upper"
+    )
+    ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=_tick_size(len(rows)))
+    ax.set_xticks(
+        range(len(cols)),
+        labels=list(cols),
+        fontsize=_tick_size(len(cols)),
+        rotation=90 if len(cols) > ANNOTATE_MAX or max(map(len, cols)) > 2 else 0,
+    )
+    ax.tick_params(length=2)
+    if annotate:
+        size = 7.0 if max(matrix.shape) > 9 else 8.0
+        for (i, j), v in np.ndenumerate(matrix):
+            if not np.isfinite(v):
+                continue
+            r, g, b, _ = cmap(norm(v))
+            colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size, color=colour)
+    return image
+
+
+def _frames_text(frames: int | None) -> str:
+    return "" if frames is None else f" · {frames:,} frames"
+
+
+def _pair_matrix(
+    table: pd.DataFrame, *, metric: str, model_a: str, model_b: str
+) -> tuple[np.ndarray, list[str], list[str]]:
+    rows = table[(table.metric == metric) & (table.model_a == model_a) & (table.model_b == model_b)]
+    if rows.empty:
+        raise ValueError(f"no rows for metric={metric!r}, model_a={model_a!r}, model_b={model_b!r}")
+    if rows.duplicated(["layer_a", "layer_b"]).any():
+        raise ValueError(
+            f"duplicate (layer_a, layer_b) rows for metric={metric!r}, "
+            f"model_a={model_a!r}, model_b={model_b!r}"
+        )
+    la, lb = layer_order(rows.layer_a), layer_order(rows.layer_b)
+    grid = rows.pivot(index="layer_a", columns="layer_b", values="value").reindex(
+        index=la, columns=lb
+    )
+    return grid.to_numpy(dtype=float), la, lb
+
+
+def heatmap(
+    table: pd.DataFrame,
+    *,
+    metric: str,
+    model_a: str,
+    model_b: str,
+    frames: int | None = None,
+) -> Figure:
+    """Layer × layer heatmap of one metric between two models (or a model and itself).
+
+    Rows (y axis, top to bottom) are the layers of ``model_a``, columns (x axis) those of
+    ``model_b``; for x-centric metrics a cell is the row network in terms of the column network.
+    Pairs absent from the table are grey. Values are written in the cells of grids up to
+    ``ANNOTATE_MAX`` × ``ANNOTATE_MAX``. The plotted matrix is the first image of the first axes
+    (``fig.axes[0].images[0].get_array()``, a masked array).
+
+    Args:
+      table: tidy similarity table (``Results.similarities``).
+      metric: metric name (``table.metric``).
+      model_a: model on the rows.
+      model_b: model on the columns.
+      frames: number of frames the statistics were computed on, shown in the title.
+
+    Returns:
+      The figure (Agg canvas, not registered with pyplot).
+
+    Raises:
+      ValueError: the table has no rows for this metric and model pair.
+    """
+    matrix, la, lb = _pair_matrix(table, metric=metric, model_a=model_a, model_b=model_b)
+    info = _info(metric)
+    cell = 0.42 if max(matrix.shape) <= ANNOTATE_MAX else 0.3
+    fig = _new_figure(
+        min(max(2.6 + cell * len(lb), 5.2), 13.0), min(max(1.9 + cell * len(la), 4.4), 12.0)
+    )
+    ax = fig.add_subplot()
+    image = _draw_matrix(
+        ax,
+        matrix,
+        info=info,
+        rows=la,
+        cols=lb,
+        vrange=_colour_range(info, matrix),
+        annotate=max(matrix.shape) <= ANNOTATE_MAX,
+    )
+    ax.set_ylabel(f"{model_a} layer")
+    ax.set_xlabel(f"{model_b} layer")
+    relation = "row in terms of column" if info.x_centric else "symmetric"
+    ax.set_title(
+        f"{info.label} ({metric})\n{model_a} vs {model_b}\n{relation}{_frames_text(frames)}",
+        fontsize=10,
+    )
+    bar = fig.colorbar(image, ax=ax, shrink=0.85, fraction=0.05)
+    bar.set_label(f"{info.label} ({_direction(info)})")
+    return fig
+
+
+def finetune_plot(
+    table: pd.DataFrame,
+    *,
+    pretrained: str,
+    finetuned: str,
+    metrics: Sequence[str] | None = None,
+    frames: int | None = None,
+) -> Figure:
+    """Per-layer similarity of a pre-trained model with its fine-tuned version.
+
+    For each layer i present in both, the value of pretrained:i with finetuned:i (x-centric
+    metrics: pre-trained in terms of fine-tuned), one line per metric, with a shaded bootstrap
+    band where ``ci_low``/``ci_high`` are present. Distances (Procrustes) go on a second panel
+    below, since their direction and range differ. Line ``k`` of an axes holds x = layer
+    positions 0, 1, … (tick labels are the layer names) and y = the table's values (NaN where a
+    layer pair is missing).
+
+    Args:
+      table: tidy similarity table (``Results.similarities``).
+      pretrained: the pre-trained model's name.
+      finetuned: the fine-tuned model's name.
+      metrics: metrics to draw, in order; default every metric with same-layer rows.
+      frames: number of frames, shown in the title.
+
+    Returns:
+      The figure.
+
+    Raises:
+      ValueError: no same-layer rows for the pair, or a requested metric has none.
+    """
+    pair = table[
+        (table.model_a == pretrained)
+        & (table.model_b == finetuned)
+        & (table.layer_a == table.layer_b)
+    ]
+    if pair.empty:
+        raise ValueError(
+            f"no same-layer rows for pretrained={pretrained!r}, finetuned={finetuned!r}"
+        )
+    available = list(dict.fromkeys(pair.metric))
+    metrics = available if metrics is None else list(metrics)
+    missing = [m for m in metrics if m not in available]
+    if missing or not metrics:
+        raise ValueError(
+            f"expected metrics among {available} for {pretrained} vs {finetuned}, got {metrics}"
+        )
+    pair = pair[pair.metric.isin(metrics)]
+    layers = layer_order(pair.layer_a)
+    x = np.arange(len(layers))
+    has_ci = all(c in pair.columns for c in CI_COLUMNS)
+    groups = [
+        [m for m in metrics if not _info(m).distance],
+        [m for m in metrics if _info(m).distance],
+    ]
+    groups = [g for g in groups if g]
+    width = min(max(5.5 + 0.25 * len(layers), 7.0), 13.0)
+    fig = _new_figure(width, 1.2 + 3.2 * len(groups))
+    axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
+    colours = matplotlib.colormaps["tab10" if len(metrics) <= 10 else "tab20"].colors
+    for ax, group in zip(axes, groups, strict=True):
+        for m in group:
+            rows = pair[pair.metric == m].set_index("layer_a").reindex(layers)
+            colour = colours[metrics.index(m) % len(colours)]
+            ax.plot(x, rows.value.to_numpy(float), marker="o", ms=4, color=colour, label=m)
+            if has_ci:
+                ax.fill_between(
+                    x,
+                    rows.ci_low.to_numpy(float),
+                    rows.ci_high.to_numpy(float),
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
+        distance = _info(group[0]).distance
+        ax.set_ylabel("distance (lower = more similar)" if distance else "similarity")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+        if not distance:
+            low = np.nanmin(pair[pair.metric.isin(group)].value.to_numpy(float))
+            ax.set_ylim(min(0.0, low) - 0.02, 1.02)
+    axes[-1].set_xticks(x, labels=layers, fontsize=_tick_size(len(layers)))
+    axes[-1].set_xlabel(f"layer i ({pretrained}:i vs {finetuned}:i)")
+    ci = " · shaded: bootstrap CI" if has_ci else ""
+    fig.suptitle(
+        f"Pre-trained {pretrained} vs fine-tuned {finetuned}, same layer\n"
+        f"x-centric metrics: pre-trained in terms of fine-tuned{_frames_text(frames)}{ci}",
+        fontsize=10,
+    )
+    return fig
+
+
+def _head_matrix(
+    heads: pd.DataFrame, *, model_a: str, layer_a: str, model_b: str, layer_b: str, method: str
+) -> np.ndarray:
+    rows = heads[
+        (heads.method == method)
+        & (heads.model_a == model_a)
+        & (heads.layer_a == layer_a)
+        & (heads.model_b == model_b)
+        & (heads.layer_b == layer_b)
+    ]
+    if rows.empty:
+        raise ValueError(
+            f"no attention head rows for method={method!r}, {model_a}:{layer_a} vs "
+            f"{model_b}:{layer_b}"
+        )
+    grid = rows.pivot(index="head_a", columns="head_b", values="value")
+    grid = grid.reindex(
+        index=range(int(rows.head_a.max()) + 1), columns=range(int(rows.head_b.max()) + 1)
+    )
+    return grid.to_numpy(dtype=float)
+
+
+def attention_head_heatmap(
+    heads: pd.DataFrame,
+    *,
+    model_a: str,
+    layer_a: str,
+    model_b: str,
+    layer_b: str,
+    method: str,
+    frames: int | None = None,
+) -> Figure:
+    """Head × head similarity of two attention layers (``attention_heads.csv``).
+
+    Rows are the heads of ``model_a:layer_a``, columns those of ``model_b:layer_b``; a cell is
+    the similarity of the two heads' attention maps (1 − Frobenius distance, Pearson r or
+    1 − Jensen–Shannon, see `sslsim_jax.metrics.attention`).
+
+    Args:
+      heads: the head-level table (``Results.attention_heads``).
+      model_a: model on the rows.
+      layer_a: its layer.
+      model_b: model on the columns.
+      layer_b: its layer.
+      method: ``"fro"``, ``"pearson"`` or ``"js"``.
+      frames: number of frames, shown in the title.
+
+    Returns:
+      The figure; the matrix is ``fig.axes[0].images[0].get_array()``.
+    """
+    matrix = _head_matrix(
+        heads, model_a=model_a, layer_a=layer_a, model_b=model_b, layer_b=layer_b, method=method
+    )
+    info = HEAD_METHOD_INFO.get(method, _info(method))
+    fig = _new_figure(
+        max(2.6 + 0.42 * matrix.shape[1], 5.2), max(1.9 + 0.42 * matrix.shape[0], 4.4)
+    )
+    ax = fig.add_subplot()
+    image = _draw_matrix(
+        ax,
+        matrix,
+        info=info,
+        rows=[str(h) for h in range(matrix.shape[0])],
+        cols=[str(h) for h in range(matrix.shape[1])],
+        vrange=_colour_range(info, matrix),
+        annotate=max(matrix.shape) <= ANNOTATE_MAX,
+    )
+    ax.set_ylabel(f"{model_a} layer {layer_a} head")
+    ax.set_xlabel(f"{model_b} layer {layer_b} head")
+    ax.set_title(
+        f"Attention heads: {info.label} ({method})\n{model_a}:{layer_a} vs {model_b}:{layer_b}"
+        f"{_frames_text(frames)}",
+        fontsize=10,
+    )
+    fig.colorbar(image, ax=ax, shrink=0.85, fraction=0.05).set_label(
+        f"{info.label} ({_direction(info)})"
+    )
+    return fig
+
+
+def attention_head_grid(
+    heads: pd.DataFrame,
+    *,
+    model_a: str,
+    model_b: str,
+    method: str,
+    layers: Sequence[str] | None = None,
+    frames: int | None = None,
+) -> Figure:
+    """Small multiples of head × head similarity for same-numbered layers of two models.
+
+    Panel ``k`` compares ``model_a:layers[k]`` (rows) with ``model_b:layers[k]`` (columns), all
+    panels on one colour scale.
+
+    Args:
+      heads: the head-level table (``Results.attention_heads``).
+      model_a: model on the rows.
+      model_b: model on the columns.
+      method: ``"fro"``, ``"pearson"`` or ``"js"``.
+      layers: layers to show; default every layer with same-layer rows for this pair.
+      frames: number of frames, shown in the title.
+
+    Returns:
+      The figure; panel k's matrix is ``fig.axes[k].images[0].get_array()``.
+    """
+    sel = heads[
+        (heads.method == method)
+        & (heads.model_a == model_a)
+        & (heads.model_b == model_b)
+        & (heads.layer_a == heads.layer_b)
+    ]
+    layers = layer_order(sel.layer_a) if layers is None else list(layers)
+    if not layers:
+        raise ValueError(
+            f"no same-layer attention head rows for method={method!r}, {model_a} vs {model_b}"
+        )
+    info = HEAD_METHOD_INFO.get(method, _info(method))
+    matrices = [
+        _head_matrix(heads, model_a=model_a, layer_a=la, model_b=model_b, layer_b=la, method=method)
+        for la in layers
+    ]
+    vrange = _colour_range(info, np.concatenate([m.ravel() for m in matrices]))
+    ncols = min(4, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    fig = _new_figure(1.2 + 2.7 * ncols, 1.0 + 2.6 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    image = None
+    for ax, la, matrix in zip(axes, layers, matrices, strict=False):
+        heads_a = [str(h) for h in range(matrix.shape[0])]
+        heads_b = [str(h) for h in range(matrix.shape[1])]
+        image = _draw_matrix(
+            ax, matrix, info=info, rows=heads_a, cols=heads_b, vrange=vrange, annotate=False
+        )
+        ax.tick_params(labelsize=6)
+        ax.set_title(f"layer {la}", fontsize=9)
+        ax.set_ylabel(f"{model_a} head", fontsize=8)
+        ax.set_xlabel(f"{model_b} head", fontsize=8)
+    for ax in axes[len(layers) :]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.95, fraction=0.04).set_label(
+        f"{info.label} ({_direction(info)})", fontsize=8 if nrows == 1 else 10
+    )
+    fig.suptitle(
+        f"Attention heads, same layer: {info.label} ({method})\n"
+        f"{model_a} (rows) vs {model_b} (columns){_frames_text(frames)}",
+        fontsize=10,
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Writes through a temporary file in the same directory, then renames it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save(fig: Figure, path: Path) -> None:
+    # bbox_inches="tight": constrained layout can leave a long y label a few pixels outside an
+    # equal-aspect axes' figure; the saved image always holds every label.
+    _atomic_write(
+        path,
+        lambda f: fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08),
+    )
+
+
+def _slug(*parts: str) -> str:
+    return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-.") or "x" for p in parts)
+
+
+class _Figure(NamedTuple):
+    file: str
+    caption: str
+
+
+def _model_pairs(results: Results, metric: str) -> list[tuple[str, str]]:
+    """Ordered pairs to draw: all for x-centric metrics, a ≤ b (run.json order) otherwise."""
+    rows = results.similarities[results.similarities.metric == metric]
+    present = set(zip(rows.model_a, rows.model_b, strict=True))
+    rank = {m: i for i, m in enumerate(results.models)}
+    pairs = sorted(present, key=lambda p: (rank[p[0]], rank[p[1]]))
+    if not _info(metric).x_centric:
+        pairs = [(a, b) for a, b in pairs if rank[a] <= rank[b] or (b, a) not in present]
+    return pairs
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(v: float) -> str:
+    return "" if not np.isfinite(v) else f"{v:.3f}"
+
+
+def _matrix_table(results: Results, metric: str, model_a: str, model_b: str) -> str:
+    sim = results.similarities
+    rows = sim[(sim.metric == metric) & (sim.model_a == model_a) & (sim.model_b == model_b)]
+    matrix, la, lb = _pair_matrix(sim, metric=metric, model_a=model_a, model_b=model_b)
+    ci = {}
+    if results.has_ci:
+        for r in rows.itertuples(index=False):
+            ci[(r.layer_a, r.layer_b)] = (r.ci_low, r.ci_high)
+    head = "".join(f"<th>{_esc(b)}</th>" for b in lb)
+    out = [
+        f'<table class="matrix"><thead><tr><th class="corner">{_esc(model_a)} ↓ / '
+        f"{_esc(model_b)} →</th>{head}</tr></thead><tbody>"
+    ]
+    for i, a in enumerate(la):
+        cells = []
+        for j, b in enumerate(lb):
+            low, high = ci.get((a, b), (np.nan, np.nan))
+            title = (
+                f' title="95% CI [{_fmt(low)}, {_fmt(high)}]"'
+                if np.isfinite(low) and np.isfinite(high)
+                else ""
+            )
+            cells.append(f"<td{title}>{_fmt(matrix[i, j])}</td>")
+        out.append(f"<tr><th>{_esc(a)}</th>{''.join(cells)}</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _kv_table(items: dict[str, Any]) -> str:
+    if not items:
+        return "<p><em>none recorded</em></p>"
+    rows = "".join(
+        f"<tr><th>{_esc(k)}</th><td><code>{_esc(json.dumps(v) if not isinstance(v, str) else v)}"
+        f"</code></td></tr>"
+        for k, v in items.items()
+    )
+    return f'<table class="kv">{rows}</table>'
+
+
+def _provenance(results: Results) -> str:
+    run = results.run
+    cols = ("name", "path", "config_hash", "num_layers", "model_type", "ctc_head")
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td><code>{_esc(m.get(c, ''))}</code></td>" for c in cols) + "</tr>"
+        for m in run["models"]
+    )
+    utterances = run.get("utterances", [])
+    seconds = sum(float(u.get("duration", 0.0)) for u in utterances if isinstance(u, dict))
+    frames = "unknown" if results.frames is None else f"{results.frames:,}"
+    pairs = ", ".join(f"{_esc(a)} → {_esc(b)}" for a, b in results.finetune_pairs) or "none"
+    utt_rows = "".join(
+        f"<tr><td><code>{_esc(u.get('path', ''))}</code></td><td>{_esc(u.get('duration', ''))}"
+        f"</td><td>{_esc(u.get('frames', ''))}</td></tr>"
+        for u in utterances[:500]
+        if isinstance(u, dict)
+    )
+    more = f"<p>… and {len(utterances) - 500} more.</p>" if len(utterances) > 500 else ""
+    return (
+        f'<h2 id="provenance">Provenance</h2>'
+        f'<table class="models"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        f"<p>Fine-tune pairs (pre-trained → fine-tuned): {pairs}</p>"
+        f"<p><strong>{len(utterances)}</strong> utterances, {seconds:.1f} s of audio, "
+        f"<strong>{frames}</strong> valid frames pooled over all utterances.</p>"
+        f"<details><summary>Utterances</summary><table><thead><tr><th>path</th>"
+        f"<th>duration (s)</th><th>frames</th></tr></thead><tbody>{utt_rows}</tbody></table>"
+        f"{more}</details>"
+        f"<h3>Settings</h3>{_kv_table(run.get('settings', {}))}"
+        f"<h3>Versions</h3>{_kv_table(run.get('versions', {}))}"
+    )
+
+
+def _figure_html(fig: _Figure) -> str:
+    return (
+        f'<figure><a href="{quote(fig.file)}"><img src="{quote(fig.file)}" '
+        f'alt="{_esc(fig.caption)}" loading="lazy"></a>'
+        f"<figcaption>{_esc(fig.caption)}</figcaption></figure>"
+    )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em;
+       color: #222; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: left; }
+table.matrix td { text-align: right; font-variant-numeric: tabular-nums; }
+table.matrix th { background: #f4f4f4; } table.matrix th.corner { font-weight: normal; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; max-width: 100%; } figure img { max-width: 100%; max-height: 720px; }
+figcaption { font-size: 0.85em; color: #444; max-width: 640px; }
+details { margin: 0.5em 0; } summary { cursor: pointer; }
+code { font-size: 0.95em; word-break: break-all; }
+nav a { margin-right: 1em; }
+"""
+
+
+def build_report(out_dir: str | os.PathLike[str]) -> str:
+    """Draws every figure and writes ``report.html`` for a run's output directory.
+
+    Writes PNGs under ``out_dir/figures/``: one heatmap per metric and model pair (every
+    ordered pair for x-centric metrics, each unordered pair once for symmetric ones; within-model
+    pairs included), one fine-tune plot per ``finetune_pairs`` entry of ``run.json``, and, when
+    ``attention_heads.csv`` exists, one same-layer head grid per method and pair of different
+    models. Then writes ``out_dir/report.html``: provenance, figures with captions and per
+    metric the layer × layer tables, linking the figures relatively. Every file is written
+    atomically (temporary file in the same directory, then ``os.replace``).
+
+    Args:
+      out_dir: the run's output directory.
+
+    Returns:
+      The path of ``report.html``.
+
+    Raises:
+      ResultsError: the result files are missing or invalid (see `read_results`).
+    """
+    results = read_results(out_dir)
+    out = results.out_dir
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    sim = results.similarities
+    frames = results.frames
+    sections = []
+
+    def emit(fig: Figure, name: str, caption: str) -> _Figure:
+        _save(fig, fig_dir / name)
+        return _Figure(f"figures/{name}", caption)
+
+    if results.finetune_pairs:
+        parts = ['<h2 id="finetune">Pre-trained vs fine-tuned</h2><div class="figures">']
+        for pre, ft in results.finetune_pairs:
+            try:
+                fig = finetune_plot(sim, pretrained=pre, finetuned=ft, frames=frames)
+            except ValueError as e:
+                parts.append(f"<p>{_esc(pre)} vs {_esc(ft)}: {_esc(e)}</p>")
+                continue
+            caption = (
+                f"Similarity of {pre}:i with {ft}:i for each layer i, one line per metric "
+                f"(x-centric metrics: pre-trained in terms of fine-tuned)"
+                + ("; shaded bands are bootstrap confidence intervals." if results.has_ci else ".")
+            )
+            parts.append(_figure_html(emit(fig, f"finetune_{_slug(pre, ft)}.png", caption)))
+        parts.append("</div>")
+        sections.append("".join(parts))
+
+    metrics = list(dict.fromkeys(sim.metric))
+    nav = []
+    for metric in metrics:
+        info = _info(metric)
+        anchor = f"metric-{_slug(metric)}"
+        nav.append(f'<a href="#{anchor}">{_esc(metric)}</a>')
+        relation = (
+            "Not symmetric: a cell is the row network described in terms of the column network."
+            if info.x_centric
+            else "Symmetric: only one order of each model pair is drawn."
+        )
+        parts = [
+            f'<h2 id="{anchor}">{_esc(info.label)} (<code>{_esc(metric)}</code>)</h2>'
+            f"<p>{_esc(_direction(info).capitalize())}. {_esc(relation)}</p>"
+            f'<div class="figures">'
+        ]
+        tables = []
+        for a, b in _model_pairs(results, metric):
+            caption = (
+                f"{info.label} between the layers of {a} (rows) and {b} (columns)"
+                + (", row in terms of column" if info.x_centric else "")
+                + f"; {_direction(info)}."
+            )
+            fig = heatmap(sim, metric=metric, model_a=a, model_b=b, frames=frames)
+            parts.append(_figure_html(emit(fig, f"heatmap_{_slug(metric, a, b)}.png", caption)))
+            tables.append(
+                f"<details><summary>Table: {_esc(a)} (rows) vs {_esc(b)} (columns)</summary>"
+                f"{_matrix_table(results, metric, a, b)}</details>"
+            )
+        parts.append("</div>")
+        if results.has_ci:
+            tables.insert(0, "<p>Hover a cell for its bootstrap confidence interval.</p>")
+        parts.extend(tables)
+        sections.append("".join(parts))
+
+    if results.attention_heads is not None:
+        heads = results.attention_heads
+        parts = ['<h2 id="heads">Attention heads</h2><div class="figures">']
+        cross = heads[(heads.model_a != heads.model_b) & (heads.layer_a == heads.layer_b)]
+        rank = {m: i for i, m in enumerate(results.models)}
+        keys = sorted(
+            set(zip(cross.method, cross.model_a, cross.model_b, strict=True)),
+            key=lambda k: (k[0], rank[k[1]], rank[k[2]]),
+        )
+        for method, a, b in keys:
+            fig = attention_head_grid(heads, model_a=a, model_b=b, method=method, frames=frames)
+            info = HEAD_METHOD_INFO.get(method, _info(method))
+            caption = (
+                f"Attention map similarity ({info.label}) of every head of {a} (rows) with "
+                f"every head of {b} (columns), "
+                f"same-numbered layers; {_direction(info)}."
+            )
+            parts.append(_figure_html(emit(fig, f"heads_{_slug(method, a, b)}.png", caption)))
+        if not keys:
+            parts.append("<p>No cross-model same-layer head pairs in attention_heads.csv.</p>")
+        parts.append(
+            '</div><p>All head pairs: <a href="attention_heads.csv">attention_heads.csv</a>.</p>'
+        )
+        sections.append("".join(parts))
+
+    if results.neurons is not None:
+        sections.append(_neuron_section(results))
+
+    title = "sslsim report: " + ", ".join(results.models)
+    body = (
+        f"<h1>{_esc(title)}</h1>"
+        f"<p>Layer 0 is the transformer input, layer i the output of block i, "
+        f"<code>final</code> the final LayerNorm of pre-LN models. "
+        f'Full table: <a href="similarities.csv">similarities.csv</a>.</p>'
+        f'<nav><a href="#provenance">provenance</a>'
+        + ('<a href="#finetune">fine-tuning</a>' if results.finetune_pairs else "")
+        + "".join(nav)
+        + ('<a href="#heads">attention heads</a>' if results.attention_heads is not None else "")
+        + ('<a href="#neurons">neurons</a>' if results.neurons is not None else "")
+        + "</nav>"
+        + _provenance(results)
+        + "".join(sections)
+    )
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
+    )
+    path = out / "report.html"
+    _atomic_write(path, lambda f: f.write(page.encode("utf-8")))
+    return str(path)
+
+
+def _neuron_section(results: Results, top: int = 10) -> str:
+    neurons = results.neurons
+    cross = neurons[neurons.model_a != neurons.model_b]
+    parts = [
+        '<h2 id="neurons">Neurons</h2>'
+        f"<p>The {top} most correlated neuron matches of each pair of different models "
+        f'(all matches: <a href="neurons.csv">neurons.csv</a>).</p>'
+    ]
+    rank = {m: i for i, m in enumerate(results.models)}
+    pairs = sorted(
+        set(zip(cross.model_a, cross.model_b, strict=True)),
+        key=lambda p: (rank[p[0]], rank[p[1]]),
+    )
+    for a, b in pairs:
+        rows = cross[(cross.model_a == a) & (cross.model_b == b)]
+        best = rows.reindex(rows.correlation.abs().sort_values(ascending=False).index)[:top]
+        body = "".join(
+            f"<tr><td>{_esc(r.layer_a)}</td><td>{r.neuron_a}</td><td>{_esc(r.layer_b)}</td>"
+            f"<td>{r.matched_neuron_b}</td><td>{_fmt(r.correlation)}</td></tr>"
+            for r in best.itertuples(index=False)
+        )
+        parts.append(
+            f"<h3>{_esc(a)} → {_esc(b)}</h3><table><thead><tr><th>{_esc(a)} layer</th>"
+            f"<th>neuron</th><th>{_esc(b)} layer</th><th>matched neuron</th>"
+            f"<th>correlation</th></tr></thead><tbody>{body}</tbody></table>"
+        )
+    return "".join(parts)

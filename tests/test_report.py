@@ -1,0 +1,378 @@
+"""Tests of `sslsim_jax.report` on synthetic result directories (no models are run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sslsim_jax import report
+
+# Two 4-layer models, post-LN (layers 0..4) and pre-LN (0..4 and "final"), plus a fine-tuned
+# copy of the post-LN one.
+LAYERS = {
+    "w2v-post": ["0", "1", "2", "3", "4"],
+    "hub-pre": ["0", "1", "2", "3", "4", "final"],
+    "w2v-post-ft": ["0", "1", "2", "3", "4"],
+}
+METRICS = ("linear_cka", "maxcorr", "procrustes")
+FRAMES = 1234
+HEADS = 3
+
+
+def _value(metric: str, a: str, la: str, b: str, lb: str) -> float:
+    """Deterministic synthetic values; maxcorr is deliberately asymmetric, the others not."""
+    ia = list(LAYERS).index(a) * 10 + LAYERS[a].index(la)
+    ib = list(LAYERS).index(b) * 10 + LAYERS[b].index(lb)
+    if metric == "maxcorr":
+        return 0.5 + 0.45 * math.sin(0.37 * ia + 1.1 * ib)
+    lo, hi = sorted((ia, ib))
+    base = 0.5 + 0.45 * math.cos(0.21 * lo + 0.13 * hi + 0.05 * lo * hi)
+    return 2.0 * (1.0 - base) if metric == "procrustes" else base
+
+
+def _similarities(*, ci: bool) -> pd.DataFrame:
+    rows = []
+    for metric in METRICS:
+        for a in LAYERS:
+            for b in LAYERS:
+                for la in LAYERS[a]:
+                    for lb in LAYERS[b]:
+                        v = _value(metric, a, la, b, lb)
+                        row = dict(
+                            model_a=a, layer_a=la, model_b=b, layer_b=lb, metric=metric, value=v
+                        )
+                        if ci:
+                            row.update(ci_low=v - 0.03, ci_high=v + 0.02)
+                        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _heads() -> pd.DataFrame:
+    rows = []
+    for method, offset in (("fro", 0.0), ("js", 0.1)):
+        for a, b in (("w2v-post", "hub-pre"), ("hub-pre", "w2v-post")):
+            for layer in ("1", "2"):
+                for ha in range(HEADS):
+                    for hb in range(HEADS):
+                        value = 0.5 + offset + 0.1 * ha - 0.05 * hb + 0.01 * int(layer)
+                        rows.append((a, layer, ha, b, layer, hb, method, value))
+    return pd.DataFrame(rows, columns=report.HEAD_COLUMNS)
+
+
+def _run_info() -> dict:
+    return {
+        "models": [
+            {
+                "name": name,
+                "path": f"/models/{name}",
+                "config_hash": f"hash-{name}",
+                "num_layers": 4,
+                "model_type": "hubert" if name.startswith("hub") else "wav2vec2",
+                "ctc_head": name.endswith("-ft"),
+            }
+            for name in LAYERS
+        ],
+        "finetune_pairs": [["w2v-post", "w2v-post-ft"]],
+        "frames": FRAMES,
+        "utterances": [
+            {"path": "/audio/a.wav", "duration": 1.5, "frames": 74},
+            {"path": "/audio/b.flac", "duration": 2.0, "frames": 99},
+        ],
+        "settings": {"metrics": list(METRICS), "seed": 7, "bootstrap": 0},
+        "versions": {"sslsim_jax": "0.1.0", "jax": "0.10.2"},
+    }
+
+
+def _write(out: Path, *, ci: bool = False, heads: bool = False) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    _similarities(ci=ci).to_csv(out / "similarities.csv", index=False)
+    (out / "run.json").write_text(json.dumps(_run_info()))
+    if heads:
+        _heads().to_csv(out / "attention_heads.csv", index=False)
+        neurons = pd.DataFrame(
+            [
+                ("w2v-post", "1", 5, "hub-pre", "2", 9, 0.93),
+                ("w2v-post", "1", 6, "hub-pre", "2", 3, -0.4),
+            ],
+            columns=report.NEURON_COLUMNS,
+        )
+        neurons.to_csv(out / "neurons.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, str]:
+    out = _write(tmp_path_factory.mktemp("run"), ci=True, heads=True)
+    return out, report.build_report(out)
+
+
+def _labels(ticks) -> list[str]:
+    return [t.get_text() for t in ticks]
+
+
+def test_layer_order_numbers_then_final():
+    assert report.layer_order(["10", "final", "2", "0", "2"]) == ["0", "2", "10", "final"]
+
+
+def test_read_results_types(tmp_path):
+    results = report.read_results(_write(tmp_path, ci=True))
+    sim = results.similarities
+    assert results.models == list(LAYERS)
+    assert results.frames == FRAMES
+    assert results.has_ci
+    assert results.finetune_pairs == [("w2v-post", "w2v-post-ft")]
+    assert sim.layer_a.map(type).eq(str).all() and sim.value.dtype == float
+    assert results.attention_heads is None and results.neurons is None
+
+
+@pytest.mark.parametrize(
+    ("model_a", "model_b"),
+    [("w2v-post", "hub-pre"), ("hub-pre", "w2v-post"), ("hub-pre", "hub-pre")],
+)
+@pytest.mark.parametrize("metric", METRICS)
+def test_heatmap_data_labels_and_orientation(metric, model_a, model_b):
+    table = _similarities(ci=False)
+    fig = report.heatmap(table, metric=metric, model_a=model_a, model_b=model_b, frames=FRAMES)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == f"{model_a} layer"
+    assert ax.get_xlabel() == f"{model_b} layer"
+    assert _labels(ax.get_yticklabels()) == LAYERS[model_a]
+    assert _labels(ax.get_xticklabels()) == LAYERS[model_b]
+    data = np.ma.filled(ax.images[0].get_array(), np.nan)
+    expected = np.array(
+        [
+            [_value(metric, model_a, la, model_b, lb) for lb in LAYERS[model_b]]
+            for la in LAYERS[model_a]
+        ]
+    )
+    np.testing.assert_allclose(data, expected, rtol=1e-12)
+    title = ax.get_title()
+    assert metric in title and model_a in title and model_b in title and f"{FRAMES:,}" in title
+    colourbar = fig.axes[1].get_ylabel()
+    assert report.METRIC_INFO[metric].label in colourbar
+    lo, hi = ax.images[0].get_clim()
+    if metric == "procrustes":
+        assert "lower = more similar" in colourbar and (lo, hi) == (0.0, 2.0)
+    else:
+        assert "higher = more similar" in colourbar and (lo, hi) == (0.0, 1.0)
+    # Small grid: every cell annotated with its value.
+    assert len(ax.texts) == expected.size
+    assert ax.texts[0].get_text() == f"{expected[0, 0]:.2f}"
+
+
+def test_x_centric_heatmap_is_not_transposed():
+    table = _similarities(ci=False)
+    a, b = "w2v-post", "w2v-post-ft"
+    fig = report.heatmap(table, metric="maxcorr", model_a=a, model_b=b)
+    data = np.ma.filled(fig.axes[0].images[0].get_array(), np.nan)
+    row = table[
+        (table.metric == "maxcorr")
+        & (table.model_a == a)
+        & (table.layer_a == "1")
+        & (table.model_b == b)
+        & (table.layer_b == "3")
+    ]
+    assert data[1, 3] == row.value.item()
+    assert not np.allclose(data, data.T)
+    assert "row in terms of column" in fig.axes[0].get_title()
+
+
+def test_heatmap_many_layers_is_readable_and_marks_missing_cells():
+    layers = [str(i) for i in range(25)] + ["final"]
+    rows = [
+        ("big", la, "big", lb, "linear_cka", np.nan if (la, lb) == ("3", "final") else 0.5)
+        for la in layers
+        for lb in layers
+    ]
+    table = pd.DataFrame(rows, columns=report.SIMILARITY_COLUMNS)
+    fig = report.heatmap(table, metric="linear_cka", model_a="big", model_b="big")
+    ax = fig.axes[0]
+    assert _labels(ax.get_xticklabels()) == layers
+    assert not ax.texts  # too many cells to annotate
+    assert ax.images[0].get_array().mask[3, -1]
+    width, height = fig.get_size_inches()
+    assert width >= 8 and height >= 7
+
+
+def test_heatmap_unknown_pair_raises():
+    with pytest.raises(ValueError, match="no rows for metric='svcca'"):
+        report.heatmap(
+            _similarities(ci=False), metric="svcca", model_a="w2v-post", model_b="hub-pre"
+        )
+
+
+@pytest.mark.parametrize("ci", [False, True])
+def test_finetune_plot_lines_equal_table(ci):
+    table = _similarities(ci=ci)
+    pre, ft = "w2v-post", "w2v-post-ft"
+    fig = report.finetune_plot(table, pretrained=pre, finetuned=ft, frames=FRAMES)
+    similarity_ax, distance_ax = fig.axes[:2]
+    assert similarity_ax.get_ylabel() == "similarity"
+    assert "lower = more similar" in distance_ax.get_ylabel()
+    assert distance_ax.get_xlabel() == f"layer i ({pre}:i vs {ft}:i)"
+    assert _labels(distance_ax.get_xticklabels()) == LAYERS[pre]
+    assert pre in fig.get_suptitle() and ft in fig.get_suptitle()
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert set(lines) == set(METRICS)
+    for metric, line in lines.items():
+        expected = [_value(metric, pre, i, ft, i) for i in LAYERS[pre]]
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-12)
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(len(LAYERS[pre])))
+    assert {t.get_text() for t in similarity_ax.get_legend().get_texts()} == {
+        "linear_cka",
+        "maxcorr",
+    }
+    bands = [c for ax in fig.axes for c in ax.collections]
+    assert len(bands) == (len(METRICS) if ci else 0)
+    if ci:
+        top = bands[0].get_paths()[0].vertices[:, 1]
+        expected = [_value("linear_cka", pre, i, ft, i) for i in LAYERS[pre]]
+        np.testing.assert_allclose(top.max(), max(expected) + 0.02, rtol=1e-12)
+
+
+def test_finetune_plot_with_final_layer_and_metric_choice():
+    table = _similarities(ci=False)
+    fig = report.finetune_plot(
+        table, pretrained="hub-pre", finetuned="hub-pre", metrics=["maxcorr"]
+    )
+    assert len(fig.axes) == 1
+    assert _labels(fig.axes[0].get_xticklabels()) == LAYERS["hub-pre"]
+    with pytest.raises(ValueError, match="expected metrics among"):
+        report.finetune_plot(table, pretrained="hub-pre", finetuned="hub-pre", metrics=["svcca"])
+
+
+def test_attention_head_heatmap_data():
+    heads = _heads()
+    fig = report.attention_head_heatmap(
+        heads, model_a="w2v-post", layer_a="2", model_b="hub-pre", layer_b="2", method="fro"
+    )
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "w2v-post layer 2 head" and ax.get_xlabel() == "hub-pre layer 2 head"
+    data = np.ma.filled(ax.images[0].get_array(), np.nan)
+    expected = [[0.5 + 0.1 * ha - 0.05 * hb + 0.02 for hb in range(HEADS)] for ha in range(HEADS)]
+    np.testing.assert_allclose(data, expected, rtol=1e-12)
+    grid = report.attention_head_grid(heads, model_a="w2v-post", model_b="hub-pre", method="js")
+    assert [ax.get_title() for ax in grid.axes[:2]] == ["layer 1", "layer 2"]
+
+
+def test_build_report_writes_every_figure(built):
+    out, path = built
+    assert path == str(out / "report.html")
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    expected = {"finetune_w2v-post__w2v-post-ft.png"}
+    models = list(LAYERS)
+    for metric in METRICS:
+        for i, a in enumerate(models):
+            for j, b in enumerate(models):
+                if report.METRIC_INFO[metric].x_centric or i <= j:
+                    expected.add(f"heatmap_{metric}__{a}__{b}.png")
+    expected |= {
+        f"heads_{m}__{a}__{b}.png"
+        for m in ("fro", "js")
+        for a, b in (("w2v-post", "hub-pre"), ("hub-pre", "w2v-post"))
+    }
+    assert figures == expected
+    for name in figures:
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_report_html_references_figures_and_provenance(built):
+    out, path = built
+    page = Path(path).read_text(encoding="utf-8")
+    sources = set(re.findall(r'<img src="([^"]+)"', page))
+    assert sources == {f"figures/{p.name}" for p in (out / "figures").glob("*.png")}
+    for model in _run_info()["models"]:
+        assert model["path"] in page and model["config_hash"] in page
+    assert f"{FRAMES:,}" in page and "<strong>2</strong> utterances" in page
+    assert "/audio/b.flac" in page and "0.10.2" in page and "bootstrap" in page
+    assert "95% CI [" in page
+    # A layer × layer table: the maxcorr value of w2v-post:1 in terms of hub-pre:final.
+    assert f"{_value('maxcorr', 'w2v-post', '1', 'hub-pre', 'final'):.3f}" in page
+    assert "neurons.csv" in page and "0.930" in page
+
+
+def test_missing_run_json_names_the_file(tmp_path):
+    out = _write(tmp_path)
+    (out / "run.json").unlink()
+    with pytest.raises(report.ResultsError, match=r"run\.json: file not found"):
+        report.build_report(out)
+
+
+def test_missing_similarities_names_the_file(tmp_path):
+    out = _write(tmp_path)
+    (out / "similarities.csv").unlink()
+    with pytest.raises(report.ResultsError, match=r"similarities\.csv: file not found"):
+        report.read_results(out)
+
+
+@pytest.mark.parametrize("column", ["layer_b", "metric", "value"])
+def test_missing_column_is_named(tmp_path, column):
+    out = _write(tmp_path)
+    _similarities(ci=False).drop(columns=column).to_csv(out / "similarities.csv", index=False)
+    with pytest.raises(report.ResultsError, match=rf"similarities\.csv: missing column '{column}'"):
+        report.read_results(out)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: t.assign(value=t.value.astype(object).where(t.index != 4, "abc")),
+            "'value' expects a number, got 'abc' in data row 5",
+        ),
+        (
+            lambda t: t.assign(layer_a=t.layer_a.where(t.index != 0, "1.0")),
+            "'layer_a' expects a layer number or 'final', got '1.0'",
+        ),
+        (lambda t: t.assign(model_b=t.model_b.where(t.index != 0, "other")), "names model 'other'"),
+        (lambda t: pd.concat([t, t.iloc[:1]]), "duplicate row for model_a=w2v-post"),
+        (lambda t: t.assign(ci_low=0.1), "has column 'ci_low' but not 'ci_high'"),
+    ],
+)
+def test_invalid_similarities_are_named(tmp_path, edit, message):
+    out = _write(tmp_path)
+    edit(_similarities(ci=False)).to_csv(out / "similarities.csv", index=False)
+    with pytest.raises(report.ResultsError, match=re.escape(message)):
+        report.read_results(out)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "run.json: not valid JSON"),
+        ("[]", "run.json: expected a JSON object"),
+        ("{}", "run.json: missing key 'models'"),
+        (
+            '{"models": [{"name": "w2v-post"}], "finetune_pairs": [["w2v-post", "x"]]}',
+            "finetune_pairs[0]",
+        ),
+    ],
+)
+def test_invalid_run_json_is_named(tmp_path, text, message):
+    out = _write(tmp_path)
+    (out / "run.json").write_text(text)
+    with pytest.raises(report.ResultsError, match=re.escape(message)):
+        report.read_results(out)
+
+
+def test_invalid_attention_heads_is_named(tmp_path):
+    out = _write(tmp_path, heads=True)
+    _heads().drop(columns="head_b").to_csv(out / "attention_heads.csv", index=False)
+    with pytest.raises(report.ResultsError, match=r"attention_heads\.csv: missing column 'head_b'"):
+        report.read_results(out)
+
+
+def test_rebuild_replaces_files_atomically(tmp_path):
+    out = _write(tmp_path)
+    first = report.build_report(out)
+    before = Path(first).stat().st_ino
+    assert report.build_report(out) == first
+    assert Path(first).stat().st_ino != before  # replaced by rename, not rewritten in place
+    assert not list(out.rglob("*.tmp"))
