@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -766,13 +767,17 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
         raise
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> tuple[int, int]:
+    """Saves ``fig`` as PNG atomically; returns its (width, height) in pixels."""
+    buffer = io.BytesIO()
     # bbox_inches="tight": constrained layout can leave a long y label a few pixels outside an
     # equal-aspect axes' figure; the saved image always holds every label.
-    _atomic_write(
-        path,
-        lambda f: fig.savefig(f, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08),
-    )
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)
+    data = buffer.getvalue()
+    _atomic_write(path, lambda f: f.write(data))
+    # PNG: 8-byte signature, IHDR length and type, then big-endian width and height.
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
 
 
 def _slug(*parts: str) -> str:
@@ -782,6 +787,7 @@ def _slug(*parts: str) -> str:
 class _Figure(NamedTuple):
     file: str
     caption: str
+    width: int
 
 
 def _model_pairs(results: Results, metric: str) -> list[tuple[str, str]]:
@@ -877,8 +883,8 @@ def _provenance(results: Results) -> str:
 
 def _figure_html(fig: _Figure) -> str:
     return (
-        f'<figure><a href="{quote(fig.file)}"><img src="{quote(fig.file)}" '
-        f'alt="{_esc(fig.caption)}" loading="lazy"></a>'
+        f'<figure style="width: {fig.width}px"><a href="{quote(fig.file)}">'
+        f'<img src="{quote(fig.file)}" alt="{_esc(fig.caption)}" loading="lazy"></a>'
         f"<figcaption>{_esc(fig.caption)}</figcaption></figure>"
     )
 
@@ -892,8 +898,8 @@ th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: left; }
 table.matrix td { text-align: right; font-variant-numeric: tabular-nums; }
 table.matrix th { background: #f4f4f4; } table.matrix th.corner { font-weight: normal; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; max-width: 100%; } figure img { max-width: 100%; max-height: 720px; }
-figcaption { font-size: 0.85em; color: #444; max-width: 640px; }
+figure { margin: 0; max-width: 100%; } figure img { width: 100%; height: auto; }
+figcaption { font-size: 0.85em; color: #444; }
 details { margin: 0.5em 0; } summary { cursor: pointer; }
 code { font-size: 0.95em; word-break: break-all; }
 nav a { margin-right: 1em; }
@@ -929,8 +935,10 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
     sections = []
 
     def emit(fig: Figure, name: str, caption: str) -> _Figure:
-        _save(fig, fig_dir / name)
-        return _Figure(f"figures/{name}", caption)
+        width, _ = _save(fig, fig_dir / name)
+        # Small figures at 3/4 size so two fit side by side; large grids (24+ layers) at full
+        # size so their tick labels stay readable (the page caps them at its width).
+        return _Figure(f"figures/{name}", caption, width if width > 1000 else round(0.75 * width))
 
     if results.finetune_pairs:
         parts = ['<h2 id="finetune">Pre-trained vs fine-tuned</h2><div class="figures">']
