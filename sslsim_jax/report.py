@@ -934,7 +934,15 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
     frames = results.frames
     sections = []
 
+    used: set[str] = set()
+
     def emit(fig: Figure, name: str, caption: str) -> _Figure:
+        # Model names that differ only in characters _slug replaces must not share a file.
+        stem, k = name.removesuffix(".png"), 1
+        while name in used:
+            k += 1
+            name = f"{stem}_{k}.png"
+        used.add(name)
         width, _ = _save(fig, fig_dir / name)
         # Small figures at 3/4 size so two fit side by side; large grids (24+ layers) at full
         # size so their tick labels stay readable (the page caps them at its width).

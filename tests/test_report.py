@@ -381,3 +381,15 @@ def test_rebuild_replaces_files_atomically(tmp_path):
     assert report.build_report(out) == first
     assert Path(first).stat().st_ino != before  # replaced by rename, not rewritten in place
     assert not list(out.rglob("*.tmp"))
+
+
+def test_model_names_with_the_same_slug_get_distinct_files(tmp_path):
+    out = _write(tmp_path)
+    rows = [(a, "0", b, "0", "linear_cka", 0.5) for a in ("m/x", "m x") for b in ("m/x", "m x")]
+    pd.DataFrame(rows, columns=report.SIMILARITY_COLUMNS).to_csv(
+        out / "similarities.csv", index=False
+    )
+    (out / "run.json").write_text(json.dumps({"models": [{"name": "m/x"}, {"name": "m x"}]}))
+    page = Path(report.build_report(out)).read_text(encoding="utf-8")
+    assert len(set(re.findall(r'<img src="([^"]+)"', page))) == 3
+    assert len(list((out / "figures").glob("*.png"))) == 3
