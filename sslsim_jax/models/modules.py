@@ -21,6 +21,7 @@ Shape letters: B batch, S samples, T frames, C conv channels, D hidden, H heads,
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -67,11 +68,15 @@ class MaskedGroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
         x32 = x.astype(jnp.float32)
-        m = mask.astype(jnp.float32)[..., None]  # [B, T, 1]
-        count = jnp.maximum(m.sum(axis=1, keepdims=True), 1.0)  # [B, 1, 1]
-        mean = (x32 * m).sum(axis=1, keepdims=True) / count
-        var = (jnp.square(x32 - mean) * m).sum(axis=1, keepdims=True) / count
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        m = mask.astype(jnp.float32)  # [B, T]
+        count = jnp.maximum(m.sum(axis=1), 1.0)[:, None, None]  # [B, 1, 1]
+        # Masked sums over time as matmuls with the mask: XLA CPU runs a masked reduction over
+        # the non-minor time axis ~10x slower than this (measured: 0.43 s vs 0.04 s, base size).
+        total = partial(jnp.einsum, "btc,bt->bc", precision=jax.lax.Precision.HIGHEST)
+        mean = total(x32, m)[:, None, :] / count
+        centred = x32 - mean
+        var = total(centred * centred, m)[:, None, :] / count
+        y = centred * jax.lax.rsqrt(var + self.epsilon)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
