@@ -328,9 +328,11 @@ def filter_short(utterances: Sequence[Utterance], *, min_samples: int) -> list[U
                 stacklevel=2,
             )
     if not kept:
+        names = ", ".join(u.path for u in utterances[:3])
+        more = f" and {len(utterances) - 3} more" if len(utterances) > 3 else ""
         raise AudioError(
             f"no usable audio: all {len(utterances)} clip(s) are shorter than the model's "
-            f"receptive field of {min_samples} samples"
+            f"receptive field of {min_samples} samples ({names}{more})"
         )
     return kept
 

@@ -1,21 +1,68 @@
-"""``sslsim``: the command line. Thin: parses arguments and calls the library."""
+"""``sslsim``: the command line. Thin: parses arguments, calls the library, reports errors.
+
+Every error a user can cause (a bad path, audio, model, argument) is one line on stderr naming
+the file or argument, with exit status 1 and no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+
+def _settings(args: argparse.Namespace):
+    from sslsim_jax.pipeline import Settings
+
+    layers = None
+    if args.layers is not None:
+        layers = tuple(x if x == "final" else _layer_index(x) for x in args.layers)
+    return Settings(
+        metrics=tuple(args.metrics),
+        layers=layers,
+        attention=args.attention,
+        max_utterances=args.max_utterances,
+        max_seconds=args.max_seconds,
+        batch_seconds=args.batch_seconds,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        checkpoint_seconds=args.checkpoint_seconds,
+    )
+
+
+def _layer_index(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--layers: expected layer indices or 'final', got {text!r}") from None
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from sslsim_jax.pipeline import analyze
+
+    audio = args.audio[0] if len(args.audio) == 1 else args.audio
+    table = analyze(
+        args.models, audio, args.out, _settings(args), progress=not args.quiet,
+        report=not args.no_report,
+    )  # fmt: skip
+    print(f"wrote {len(table)} rows to {args.out}/similarities.csv")
+    if not args.no_report:
+        print(f"report: {args.out}/report.html")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from sslsim_jax import demo
 
-    table = demo.run(out=args.out, utterances=args.utterances, seconds=args.seconds)
-    for metric, rows in table.groupby("metric", sort=False):
-        matrix = rows.pivot(index="network_a", columns="network_b", values="value")
-        print(f"\n{metric} (row network in terms of column network)")
-        print(matrix.round(3).to_string())
-    if args.out:
-        print(f"\nwrote {args.out}/similarities.csv")
+    demo.run(out=args.out, progress=not args.quiet)
+    print(f"report: {args.out}/report.html")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sslsim_jax.report import build_report
+
+    print(f"report: {build_report(args.out)}")
     return 0
 
 
@@ -27,21 +74,83 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sslsim_jax.pipeline import DEFAULT_METRICS, LAYER_METRICS
+
     parser = argparse.ArgumentParser(
         prog="sslsim",
         description="Similarity analysis of wav2vec 2.0 and HuBERT models (sslsim-jax).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="compare models layer by layer on a set of audio files",
+        description="Runs every MODEL over the audio and writes similarities.csv, neurons.csv, "
+        "run.json, figures and report.html into --out. Resumable: run the same command again "
+        "after an interruption.",
+    )
+    analyze.add_argument(
+        "models", nargs="+", metavar="MODEL",
+        help="transformers checkpoint directory, converted directory or hub id",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--audio", required=True, nargs="+", metavar="PATH",
+        help="audio directory (wav/flac/ogg, recursive), audio files, or a text file of paths",
+    )  # fmt: skip
+    analyze.add_argument("--out", required=True, help="output directory")
+    analyze.add_argument(
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS), metavar="METRIC",
+        help=f"layer metrics among {', '.join(LAYER_METRICS)} (default: %(default)s)",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--layers", nargs="+", metavar="LAYER",
+        help="layer indices to keep (0 = transformer input; 'final' = final LayerNorm of "
+        "pre-LN models); default: all",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--attention", action="store_true",
+        help="also compare attention heads (Frobenius, Pearson, Jensen-Shannon)",
+    )  # fmt: skip
+    analyze.add_argument("--max-utterances", type=int, help="use at most N utterances")
+    analyze.add_argument("--max-seconds", type=float, help="crop utterances to S seconds")
+    analyze.add_argument(
+        "--batch-seconds", type=float, default=40.0,
+        help="padded audio per batch, in seconds (default: %(default)s)",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--bootstrap", type=int, default=0, metavar="B",
+        help="confidence intervals from B bootstrap replicates over utterances (default: none)",
+    )  # fmt: skip
+    analyze.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    analyze.add_argument(
+        "--checkpoint-seconds", type=float, default=30.0,
+        help="seconds between checkpoints of the statistics (default: %(default)s)",
+    )  # fmt: skip
+    analyze.add_argument("--no-report", action="store_true", help="skip figures and report.html")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze.set_defaults(func=_analyze)
+
     demo = sub.add_parser(
         "demo",
-        help="built-in demonstration on two small shipped models (no downloads)",
-        description="Runs two small built-in models (seeded random weights) on synthetic "
-        "speech-like audio and prints every layer-pair similarity.",
+        help="the whole analysis on built-in models and shipped speech (no downloads)",
+        description="Runs `analyze` on three small built-in models (a wav2vec 2.0-style model, "
+        "a fine-tuned-style CTC variant of it, and a HuBERT-style model; seeded random "
+        "weights) and a few seconds of speech shipped with the package.",
     )
-    demo.add_argument("--out", help="directory to write similarities.csv into")
-    demo.add_argument("--utterances", type=int, default=8, help="number of utterances")
-    demo.add_argument("--seconds", type=float, default=2.0, help="longest utterance (s)")
+    demo.add_argument(
+        "--out", default="demo-report", help="output directory (default: %(default)s)"
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    report = sub.add_parser(
+        "report",
+        help="redraw figures and report.html from saved results",
+        description="Redraws the figures and report.html of an analysis output directory.",
+    )
+    report.add_argument("out", help="output directory of `sslsim analyze`")
+    report.set_defaults(func=_report)
+
     convert = sub.add_parser(
         "convert",
         help="convert a transformers checkpoint to sslsim-jax (orbax) format",
@@ -54,12 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except (OSError, ValueError) as e:
-        print(f"sslsim {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(
+            f"sslsim {args.command}: interrupted; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except (OSError, ValueError, KeyError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"sslsim {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -1,17 +1,21 @@
-"""The built-in demonstration: no downloads, two small models shipped as configs, seeded weights.
+"""The built-in default: the whole analysis with no downloads.
 
-It shows the data flow end to end on synthetic speech-like audio: every layer's hidden states
-from ``SpeechModel.intermediates`` stream, batch by batch and masked to valid frames, into
-``sslsim_jax.compare``, which returns every layer-pair similarity.
+Three small models built from configs shipped in ``sslsim_jax/data`` with seeded random weights:
+a wav2vec 2.0-style model (group norm, post-LN), a "fine-tuned" CTC variant of it (its weights
+perturbed more in deeper blocks, plus a CTC head, mimicking how fine-tuning changes upper layers
+most), and a HuBERT-style model (layer norm, pre-LN). They run over the speech clips shipped in
+``sslsim_jax/data/speech`` (see SOURCE.md there) through ``sslsim_jax.pipeline.analyze``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from importlib import resources
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -22,13 +26,52 @@ from sslsim_jax.models.modules import SpeechEncoder
 DEMO_MODELS = ("tiny_wav2vec2", "tiny_hubert")
 
 
+def demo_config(name: str) -> ModelConfig:
+    text = resources.files("sslsim_jax").joinpath("data", f"{name}.json").read_text()
+    return ModelConfig.from_hf_config(json.loads(text))
+
+
+def _init(config: ModelConfig, seed: int):
+    dummy = jnp.zeros((1, config.receptive_field), jnp.float32)
+    return SpeechEncoder(config).init(jax.random.key(seed), dummy)["params"]
+
+
 def demo_model(name: str, *, seed: int = 0) -> SpeechModel:
     """A small model from a config shipped in ``sslsim_jax/data``, with seeded random weights."""
-    text = resources.files("sslsim_jax").joinpath("data", f"{name}.json").read_text()
-    config = ModelConfig.from_hf_config(json.loads(text))
-    dummy = np.zeros((1, config.receptive_field), np.float32)
-    params = SpeechEncoder(config).init(jax.random.key(seed), dummy)["params"]
-    return SpeechModel(config, params, path=f"<built-in {name}, seed {seed}>")
+    config = demo_config(name)
+    return SpeechModel(config, _init(config, seed), path=f"<built-in {name}, seed {seed}>")
+
+
+def finetuned_variant(base: SpeechModel, *, seed: int = 0, vocab_size: int = 32) -> SpeechModel:
+    """A CTC model whose block i weights are the base's plus noise of relative size 0.1·i/L."""
+    config = dataclasses.replace(base.config, ctc_head=True, vocab_size=vocab_size)
+    fresh = _init(config, seed)
+    layers = config.num_hidden_layers
+    key = jax.random.key(seed + 1000)
+
+    def perturb(path, value):
+        nonlocal key
+        names = [getattr(p, "key", "") for p in path]
+        block = next((n for n in names if n.startswith("layers_")), None)
+        if block is None:
+            return value
+        depth = (int(block.split("_")[1]) + 1) / layers
+        key, sub = jax.random.split(key)
+        noise = jax.random.normal(sub, value.shape, value.dtype)
+        return value + 0.1 * depth * jnp.std(value) * noise
+
+    params = jax.tree_util.tree_map_with_path(perturb, base.params)
+    params = {**params, "lm_head": fresh["lm_head"]}
+    return SpeechModel(config, params, path=f"<built-in fine-tuned variant of {base.path}>")
+
+
+def demo_models(seed: int = 0) -> list[tuple[str, SpeechModel]]:
+    base = demo_model("tiny_wav2vec2", seed=seed)
+    return [
+        ("tiny-wav2vec2", base),
+        ("tiny-wav2vec2-ft", finetuned_variant(base, seed=seed)),
+        ("tiny-hubert", demo_model("tiny_hubert", seed=seed + 1)),
+    ]
 
 
 def synthetic_speech(count: int, seconds: float, *, seed: int = 0) -> list[np.ndarray]:
@@ -49,56 +92,23 @@ def synthetic_speech(count: int, seconds: float, *, seed: int = 0) -> list[np.nd
     return out
 
 
-def pad(batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """[B, S] zero-padded waveforms and [B] lengths."""
-    lengths = np.array([len(x) for x in batch])
-    out = np.zeros((len(batch), lengths.max()), np.float32)
-    for i, x in enumerate(batch):
-        out[i, : len(x)] = x
-    return out, lengths
-
-
 def run(
     *,
-    out: str | os.PathLike | None = None,
-    utterances: int = 8,
-    seconds: float = 2.0,
-    batch_size: int = 4,
-    metrics: tuple[str, ...] = ("linear_cka", "svcca", "maxcorr"),
-    seed: int = 0,
+    out: str | os.PathLike = "demo-report",
+    progress: bool = True,
+    report: bool = True,
+    settings=None,
 ) -> pd.DataFrame:
-    """Runs the demonstration and returns the tidy similarity table.
+    """Runs the demonstration analysis into ``out`` and returns the similarity table."""
+    from sslsim_jax import audio
+    from sslsim_jax.pipeline import Settings, analyze
 
-    Args:
-        out: directory to write ``similarities.csv`` into (None: write nothing).
-        utterances, seconds: how much synthetic audio.
-        batch_size: utterances per padded batch.
-        metrics: metric names understood by ``sslsim_jax.compare``.
-        seed: seeds the weights and the audio.
-    """
-    from sslsim_jax.pairwise import compare
-
-    models = {name: demo_model(name, seed=seed + i) for i, name in enumerate(DEMO_MODELS)}
-    audio = synthetic_speech(utterances, seconds, seed=seed)
-
-    def batches():
-        for start in range(0, len(audio), batch_size):
-            waveforms, lengths = pad(audio[start : start + batch_size])
-            networks, mask = {}, None
-            for name, model in models.items():
-                inter = model.intermediates(waveforms, lengths)
-                mask = np.asarray(inter.frame_mask).reshape(-1)  # [B, T] -> [B*T]
-                hidden = np.asarray(inter.hidden_states)
-                for layer in range(hidden.shape[0]):
-                    # [B, T, D] -> [B*T, D]; padded frames are masked out by `where`.
-                    networks[f"{name}:{layer}"] = hidden[layer].reshape(-1, hidden.shape[-1])
-            yield networks, mask
-
-    table = compare(batches(), metrics=list(metrics))
-    if out is not None:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "similarities.csv")
-        tmp = path + ".tmp"
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    return table
+    settings = settings or Settings(
+        metrics=("maxcorr", "linreg", "svcca", "pwcca", "linear_cka", "debiased_cka"),
+        attention=True,
+        bootstrap=20,
+        batch_seconds=20.0,
+    )
+    return analyze(
+        demo_models(), audio.demo_audio_paths(), out, settings, progress=progress, report=report
+    )

@@ -1,52 +1,30 @@
-"""End-to-end tests of the ``sslsim`` command line."""
+"""The ``sslsim`` command line: help, the README's demo command, conversion errors."""
 
 from __future__ import annotations
 
+import os
+import site
 import subprocess
 import sys
+import venv
 
-import numpy as np
 import pandas as pd
+import pytest
 
-from sslsim_jax import demo
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sslsim(*args: str) -> subprocess.CompletedProcess:
+def sslsim(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sslsim_jax.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "sslsim_jax.cli", *args], capture_output=True, text=True, **kw
     )
 
 
-def test_demo_writes_the_table_it_prints(tmp_path):
-    run = sslsim("demo", "--out", str(tmp_path), "--utterances", "3", "--seconds", "1")
-    assert run.returncode == 0, run.stderr
-    table = pd.read_csv(tmp_path / "similarities.csv")
-    assert list(table.columns) == ["network_a", "network_b", "metric", "value"]
-    assert set(table.metric) == {"linear_cka", "svcca", "maxcorr"}
-    assert np.isfinite(table.value).all()
-    self_pairs = table[table.network_a == table.network_b]
-    np.testing.assert_allclose(self_pairs.value, 1.0, atol=1e-4)
-    assert "linear_cka (row network in terms of column network)" in run.stdout
-
-
-def test_demo_table_equals_library_on_same_activations():
-    """The demo's numbers are `compare` applied to the models' masked hidden states."""
-    from sslsim_jax.pairwise import compare
-
-    table = demo.run(utterances=2, seconds=1.0, batch_size=2, metrics=("linear_cka",))
-    audio = demo.synthetic_speech(2, 1.0, seed=0)
-    networks = {}
-    for i, name in enumerate(demo.DEMO_MODELS):
-        model = demo.demo_model(name, seed=i)
-        for x in audio:  # one utterance at a time, no padding
-            h = np.asarray(model.intermediates(x[None]).hidden_states)[:, 0]
-            for layer in range(h.shape[0]):
-                networks.setdefault(f"{name}:{layer}", []).append(h[layer])
-    networks = {k: np.concatenate(v) for k, v in networks.items()}
-    expected = compare(networks, metrics=["linear_cka"])
-    merged = table.merge(expected, on=["network_a", "network_b", "metric"])
-    assert len(merged) == len(table) == 100
-    np.testing.assert_allclose(merged.value_x, merged.value_y, atol=2e-5)
+def test_help_on_every_subcommand():
+    for args in (["--help"], ["analyze", "--help"], ["demo", "--help"], ["report", "--help"],
+                 ["convert", "--help"]):  # fmt: skip
+        run = sslsim(*args)
+        assert run.returncode == 0 and "usage: sslsim" in run.stdout, run.stderr
 
 
 def test_convert_error_is_one_line_without_traceback(tmp_path):
@@ -56,7 +34,46 @@ def test_convert_error_is_one_line_without_traceback(tmp_path):
     assert "missing: no such model directory" in run.stderr
 
 
-def test_help_on_every_subcommand():
-    for args in (["--help"], ["demo", "--help"], ["convert", "--help"]):
-        run = sslsim(*args)
-        assert run.returncode == 0 and "usage: sslsim" in run.stdout
+@pytest.mark.slow
+def test_readme_demo_command_in_a_fresh_clone_and_venv(tmp_path):
+    """`pip install . && sslsim demo --out demo-report` from a fresh clone of the committed tree.
+
+    The package is installed from the clone, so missing package data or entry points fail here.
+    """
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    # This machine's packages (no network in CI), as plain path entries: unlike
+    # system_site_packages=True this skips their .pth files, so an editable install of this
+    # working tree cannot shadow the package installed from the clone.
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    with open(os.path.join(purelib, "_host_packages.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "."],
+        cwd=clone, capture_output=True, text=True,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    run = subprocess.run(
+        [str(env_dir / "bin" / "sslsim"), "demo", "--out", "demo-report", "--quiet"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "demo-report"
+    assert (out / "report.html").is_file()
+    table = pd.read_csv(out / "similarities.csv")
+    assert {"tiny-wav2vec2", "tiny-wav2vec2-ft", "tiny-hubert"} == set(table.model_a)
+    assert (out / "figures").is_dir() and any((out / "figures").glob("finetune_*.png"))
+    # The package came from the clone, not from this working tree.
+    where = subprocess.run(
+        [str(python), "-c", "import sslsim_jax; print(sslsim_jax.__file__)"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert where.stdout.startswith(str(env_dir)), where.stdout

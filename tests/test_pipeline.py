@@ -1,0 +1,311 @@
+"""End-to-end tests of the analysis pipeline and ``sslsim analyze``: numbers, outputs, resume,
+and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+import sslsim_jax
+from sslsim_jax import audio, cli, demo
+from sslsim_jax.checkpoints import save_converted
+from sslsim_jax.pipeline import STATE_DIR, Settings, analyze
+
+SPEECH = audio.demo_audio_paths()
+
+
+def save_demo_model(path, name="tiny_wav2vec2", seed=0, poison_layer=None):
+    """A converted directory of a built-in tiny model; optionally NaN in one block's weights."""
+    model = demo.demo_model(name, seed=seed)
+    params = jax.tree.map(np.array, model.params)
+    if poison_layer is not None:
+        params["encoder"][f"layers_{poison_layer}"]["feed_forward"]["output_dense"]["bias"][0] = (
+            np.nan
+        )
+    config = resources.files("sslsim_jax").joinpath("data", f"{name}.json")
+    with resources.as_file(config) as config_path:
+        save_converted(config_path, params, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return [
+        save_demo_model(root / "w2v", "tiny_wav2vec2", seed=0),
+        save_demo_model(root / "hubert", "tiny_hubert", seed=1),
+    ]
+
+
+@pytest.fixture(scope="module")
+def analysis(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    settings = Settings(
+        metrics=("linear_cka", "maxcorr", "svcca", "debiased_cka"),
+        attention=True,
+        attention_methods=("fro", "js"),
+        batch_seconds=5.0,
+        bootstrap=4,
+    )
+    table = analyze(models, SPEECH[:3], out, settings, progress=False)
+    return out, table
+
+
+def test_table_equals_library_on_the_same_activations(models, analysis):
+    out, table = analysis
+    networks: dict[str, list[np.ndarray]] = {}
+    for path in models:
+        model = sslsim_jax.load_model(path)
+        name = os.path.basename(path)
+        for p in SPEECH[:3]:  # each utterance alone: no padding at all
+            x = audio.load(p)
+            x = audio.normalize(x[None], np.array([len(x)]))
+            out_ = model.intermediates(x)
+            h = np.asarray(out_.hidden_states)[:, 0]
+            for layer in range(h.shape[0]):
+                networks.setdefault(f"{name}:{layer}", []).append(h[layer])
+            if model.config.do_stable_layer_norm:
+                final = np.asarray(out_.final_hidden_state)[0]
+                networks.setdefault(f"{name}:final", []).append(final)
+    arrays = {k: np.concatenate(v) for k, v in networks.items()}
+    metrics = ["linear_cka", "maxcorr", "svcca", "debiased_cka"]
+    expected = sslsim_jax.compare(arrays, metrics=metrics)
+    expected[["model_b", "layer_b"]] = expected.network_b.str.rsplit(":", n=1, expand=True)
+    expected[["model_a", "layer_a"]] = expected.network_a.str.rsplit(":", n=1, expand=True)
+    merged = table.merge(expected, on=["model_a", "layer_a", "model_b", "layer_b", "metric"])
+    assert len(merged) == len(expected) == 4 * 11 * 11
+    np.testing.assert_allclose(merged.value_x, merged.value_y, atol=2e-5)
+
+
+def test_outputs_and_provenance(analysis, models):
+    out, table = analysis
+    written = pd.read_csv(out / "similarities.csv", dtype={"layer_a": str, "layer_b": str})
+    assert list(written.columns) == [
+        "model_a", "layer_a", "model_b", "layer_b", "metric", "value", "ci_low", "ci_high",
+    ]  # fmt: skip
+    layer_metrics = written[~written.metric.str.startswith("attention_")]
+    assert np.isfinite(layer_metrics[["value", "ci_low", "ci_high"]].to_numpy()).all()
+    assert (layer_metrics.ci_low <= layer_metrics.ci_high + 1e-9).all()
+    assert set(written.metric) == {
+        "linear_cka", "maxcorr", "svcca", "debiased_cka", "attention_fro", "attention_js",
+    }  # fmt: skip
+    assert {"final"} <= set(written[written.model_a == "hubert"].layer_a)
+    run = json.loads((out / "run.json").read_text())
+    assert [m["name"] for m in run["models"]] == ["w2v", "hubert"]
+    assert all(len(m["config_hash"]) == 16 for m in run["models"])
+    assert [u["path"] for u in run["utterances"]] == SPEECH[:3]
+    assert run["frames"] == sum(u["frames"] for u in run["utterances"]) > 0
+    assert run["versions"]["jax"] == jax.__version__
+    heads = pd.read_csv(out / "attention_heads.csv")
+    assert set(heads.method) == {"fro", "js"} and np.isfinite(heads.value).all()
+    neurons = pd.read_csv(out / "neurons.csv")
+    assert {"matched_neuron_b", "correlation"} <= set(neurons.columns)
+    ranks = pd.read_csv(out / "neuron_rankings.csv")
+    assert set(ranks.maxcorr_rank) == set(range(1, 97))
+    assert (out / "report.html").is_file() and any((out / "figures").glob("heatmap_*.png"))
+
+
+def test_attention_layer_score_matches_head_table(analysis):
+    out, table = analysis
+    heads = pd.read_csv(out / "attention_heads.csv", dtype={"layer_a": str, "layer_b": str})
+    sel = heads[(heads.model_a == "w2v") & (heads.model_b == "hubert") & (heads.method == "js")]
+    sel = sel[(sel.layer_a == "2") & (sel.layer_b == "3")]
+    expected = sel.groupby("head_a").value.max().mean()
+    row = table[
+        (table.metric == "attention_js") & (table.model_a == "w2v") & (table.layer_a == "2")
+        & (table.model_b == "hubert") & (table.layer_b == "3")
+    ]  # fmt: skip
+    assert row.value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "sslsim_jax.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_killed_run_resumes_to_the_same_table(models, tmp_path):
+    args = [*models, "--audio", *SPEECH, "--metrics", "linear_cka", "pwcca", "--no-report",
+            "--quiet", "--batch-seconds", "1", "--checkpoint-seconds", "0"]  # fmt: skip
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sslsim_jax.cli", "analyze", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_dir = out / STATE_DIR
+    deadline = time.monotonic() + 300
+    while not (state_dir.is_dir() and any(state_dir.glob("*.npz"))):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (state,) = state_dir.glob("*.npz")
+    with np.load(state) as saved:
+        done = int(saved["done"])
+    assert 1 <= done < len(SPEECH), "the kill must land mid-run"
+    assert not (out / "similarities.csv").exists()
+
+    resumed = run_cli("analyze", *args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = run_cli("analyze", *args, "--out", str(tmp_path / "fresh"))
+    assert fresh.returncode == 0, fresh.stderr
+    a = pd.read_csv(out / "similarities.csv")
+    b = pd.read_csv(tmp_path / "fresh" / "similarities.csv")
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["utterances"]) == len(SPEECH)
+
+
+# --- bad input: one line naming the file or argument, exit status 1, no traceback ---------------
+
+
+def cli_error(capsys, *args) -> str:
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("warning")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_audio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    (root / "text.wav").write_text("this is not audio\n" * 100)
+    (root / "empty.wav").write_bytes(b"")
+    sf.write(root / "zero.wav", np.zeros(0, np.float32), 16000)
+    sf.write(root / "short.wav", np.random.default_rng(0).standard_normal(300) * 0.1, 16000)
+    t = np.arange(int(44100 * 1.5)) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], 1) * 0.3
+    sf.write(root / "stereo44k.wav", stereo, 44100)
+    t48 = np.arange(48000) / 48000
+    sf.write(root / "mono48k.flac", np.sin(2 * np.pi * 200 * t48) * 0.3, 48000)
+    return root
+
+
+def analyze_args(models, audio_arg, out, *extra):
+    return ["analyze", *models, "--audio", *audio_arg, "--out", str(out), "--no-report",
+            "--quiet", "--metrics", "linear_cka", *extra]  # fmt: skip
+
+
+def test_missing_audio_path(capsys, models, tmp_path):
+    line = cli_error(capsys, *analyze_args(models, [str(tmp_path / "nope.wav")], tmp_path / "o"))
+    assert "nope.wav" in line
+
+
+@pytest.mark.parametrize("name", ["text.wav", "empty.wav", "zero.wav"])
+def test_unreadable_or_empty_audio(capsys, models, bad_audio, tmp_path, name):
+    line = cli_error(capsys, *analyze_args(models, [str(bad_audio / name)], tmp_path / "o"))
+    assert name in line
+
+
+def test_short_clip_skipped_with_warning_all_short_fails(capsys, models, bad_audio, tmp_path):
+    code = cli.main(analyze_args(models, [str(bad_audio / "short.wav"), SPEECH[0]], tmp_path / "a"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "warning:" in captured.err and "short.wav" in captured.err
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert [u["path"] for u in run["utterances"]] == [SPEECH[0]]
+    line = cli_error(capsys, *analyze_args(models, [str(bad_audio / "short.wav")], tmp_path / "b"))
+    assert "short.wav" in line
+
+
+def test_stereo_and_high_sample_rates_work(capsys, models, bad_audio, tmp_path):
+    files = [str(bad_audio / "stereo44k.wav"), str(bad_audio / "mono48k.flac")]
+    assert cli.main(analyze_args(models, files, tmp_path)) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [u["sample_rate_in"] for u in run["utterances"]] == [44100, 48000]
+    assert [u["channels_in"] for u in run["utterances"]] == [2, 1]
+    assert [u["num_samples"] for u in run["utterances"]] == [24000, 16000]
+
+
+def test_model_directory_errors(capsys, models, tmp_path):
+    no_config = tmp_path / "no_config"
+    shutil.copytree(models[0], no_config)
+    (no_config / "config.json").unlink()
+    line = cli_error(capsys, *analyze_args([str(no_config)], SPEECH[:1], tmp_path / "o"))
+    assert "no_config" in line and "config.json" in line
+
+
+def test_missing_and_unexpected_weights(capsys, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    torch = pytest.importorskip("torch")
+    del torch
+    from tests import hf_models
+
+    cfg = json.loads((resources.files("sslsim_jax") / "data" / "tiny_hubert.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    good = tmp_path / "good"
+    hf_models.build(good, "hubert", **cfg)
+    capsys.readouterr()  # transformers' save progress bar
+    state = load_file(good / "model.safetensors")
+    for name, change in {
+        "missing": lambda s: s.pop("encoder.layers.1.final_layer_norm.weight"),
+        "unexpected": lambda s: s.update({"encoder.extra.weight": np.zeros(3, np.float32)}),
+    }.items():
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        broken = dict(state)
+        change(broken)
+        save_file(broken, str(bad / "model.safetensors"))
+        line = cli_error(capsys, *analyze_args([str(bad)], SPEECH[:1], tmp_path / "o"))
+        key = "final_layer_norm.weight" if name == "missing" else "encoder.extra.weight"
+        assert f"{name} key" in line and key in line and str(bad) in line
+
+
+def test_layers_out_of_range(capsys, models, tmp_path):
+    line = cli_error(capsys, *analyze_args(models, SPEECH[:1], tmp_path, "--layers", "0", "9"))
+    assert "--layers" in line and "9" in line and "w2v" in line
+
+
+def test_final_layer_of_post_ln_model_is_an_error(capsys, models, tmp_path):
+    line = cli_error(capsys, *analyze_args(models, SPEECH[:1], tmp_path, "--layers", "final"))
+    assert "--layers" in line and "post-LN" in line
+
+
+def test_unknown_metric(capsys, models, tmp_path):
+    line = cli_error(capsys, *analyze_args(models, SPEECH[:1], tmp_path, "--metrics", "cosine"))
+    assert "--metrics" in line and "cosine" in line
+
+
+def test_unwritable_out(capsys, models, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = cli_error(capsys, *analyze_args(models, SPEECH[:1], blocker / "out"))
+    assert "--out" in line and "a_file" in line
+
+
+def test_nan_in_activations_names_model_layer_and_utterance(capsys, models, tmp_path):
+    poisoned = save_demo_model(tmp_path / "poisoned", poison_layer=2)
+    line = cli_error(capsys, *analyze_args([models[1], poisoned], SPEECH[:2], tmp_path / "o"))
+    assert "model poisoned" in line and "layer 3" in line and SPEECH[0] in line
+
+
+def test_error_has_no_traceback_in_a_real_process(models, tmp_path):
+    run = run_cli(*analyze_args(models, [str(tmp_path / "missing.flac")], tmp_path / "o"))
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("sslsim analyze: error:")
+
+
+def test_report_command_redraws_from_saved_results(analysis, capsys):
+    out, _ = analysis
+    (out / "report.html").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file()
+    assert "report.html" in capsys.readouterr().out
