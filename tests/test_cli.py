@@ -43,7 +43,7 @@ def test_readme_demo_command_in_a_fresh_clone_and_venv(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir, with_pip=False)  # pip and setuptools come from the host below
     python = env_dir / "bin" / "python"
     # This machine's packages (no network in CI), as plain path entries: unlike
     # system_site_packages=True this skips their .pth files, so an editable install of this
