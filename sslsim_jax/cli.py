@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     analyze.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     analyze.add_argument(
-        "--checkpoint-seconds", type=float, default=30.0,
+        "--checkpoint-seconds", type=float, default=120.0,
         help="seconds between checkpoints of the statistics (default: %(default)s)",
     )  # fmt: skip
     analyze.add_argument("--no-report", action="store_true", help="skip figures and report.html")

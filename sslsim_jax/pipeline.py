@@ -81,7 +81,7 @@ class Settings:
     batch_seconds: float = 40.0
     bootstrap: int = 0
     seed: int = 0
-    checkpoint_seconds: float = 30.0
+    checkpoint_seconds: float = 120.0
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in LAYER_METRICS]
@@ -317,11 +317,16 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> No
 
 
 def run_key(entries, utterances, settings) -> str:
-    """Identifies a run for resumption: models, audio (paths, sizes), extraction settings."""
+    """Identifies a run for resumption: models, audio (paths, sizes), extraction settings.
+
+    A finished run keeps its statistics, so the same command with other ``--metrics`` skips
+    extraction.
+    """
     key = {
         "models": [(e.name, e.source, e.config_hash, e.layers, e.normalize) for e in entries],
         "audio": [(u.path, len(u.samples)) for u in utterances],
-        "settings": dataclasses.asdict(settings) | {"checkpoint_seconds": None},
+        # Metrics are computed from the statistics, so changing them reuses a finished run.
+        "settings": dataclasses.asdict(settings) | {"checkpoint_seconds": None, "metrics": None},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -451,17 +456,26 @@ def similarity_table(
     from tqdm.auto import tqdm
 
     names = [f"{e.name}:{label}" for e in entries for label in e.layers]
+    bar = tqdm(
+        total=1 + settings.bootstrap,
+        desc=f"metrics ({len(names)} networks, {len(settings.metrics)} metrics)",
+        unit="pass",
+        disable=not progress,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         values = compare_moments(state.moments, names, metrics=settings.metrics)
+    bar.update()
     replicates = {metric: [] for metric in settings.metrics}
-    for r in tqdm(range(settings.bootstrap), desc="bootstrap", disable=not progress):
+    for r in range(settings.bootstrap):
         m_r = jax.tree.map(lambda a, r=r: a[r], state.replicates)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # reported once above, on the full data
             values_r = compare_moments(m_r, names, metrics=settings.metrics)
         for metric in settings.metrics:
             replicates[metric].append(values_r[metric].ravel())
+        bar.update()
+    bar.close()
     frames = []
     for metric in settings.metrics:
         frame = _pair_rows(names, names, values[metric], metric)

@@ -309,3 +309,35 @@ def test_report_command_redraws_from_saved_results(analysis, capsys):
     assert cli.main(["report", str(out)]) == 0
     assert (out / "report.html").is_file()
     assert "report.html" in capsys.readouterr().out
+
+
+def test_models_with_different_frame_rates_are_named(capsys, models, tmp_path):
+    other = tmp_path / "fast"
+    shutil.copytree(models[0], other)
+    config = json.loads((other / "config.json").read_text())
+    config["conv_stride"] = [5, 2, 2, 2, 2, 2, 1]  # 160 samples per frame: same param shapes
+    (other / "config.json").write_text(json.dumps(config))
+    line = cli_error(capsys, *analyze_args([models[0], str(other)], SPEECH[:1], tmp_path / "o"))
+    assert "frame rates" in line and "w2v (320" in line and "fast (160" in line
+
+
+def test_finished_run_reuses_its_statistics_for_other_metrics(models, analysis, monkeypatch):
+    """Runs last in this file: it rewrites the shared analysis' similarities.csv."""
+    out, _ = analysis
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a finished run must not run the models again")
+
+    monkeypatch.setattr(sslsim_jax.SpeechModel, "intermediates", no_extraction)
+    settings = Settings(
+        metrics=("procrustes",),
+        attention=True,
+        attention_methods=("fro", "js"),
+        batch_seconds=5.0,
+        bootstrap=4,
+    )
+    table = analyze(models, SPEECH[:3], out, settings, progress=False, report=False)
+    assert set(table.metric) == {"procrustes", "attention_fro", "attention_js"}
+    self_pairs = table[(table.metric == "procrustes") & (table.model_a == table.model_b)]
+    self_pairs = self_pairs[self_pairs.layer_a == self_pairs.layer_b]
+    np.testing.assert_allclose(self_pairs.value, 0.0, atol=1e-4)
