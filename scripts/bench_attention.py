@@ -20,25 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench import cpu_model
 
 from sslsim_jax.metrics import attention
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def random_maps(key: jax.Array, utterances: int, heads: int, frames: int) -> jax.Array:

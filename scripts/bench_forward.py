@@ -11,14 +11,12 @@ case with the steady-state times and the ratio torch / jax (> 1 means JAX is fas
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
 import time
 
 import jax
 import numpy as np
+from _bench import machine, timed
 
 SIZES = {
     "base": dict(feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False),
@@ -32,26 +30,6 @@ SIZES = {
         intermediate_size=4096,
     ),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    dev = jax.devices()[0]
-    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}, {dev.platform}"
-
-
-def timed(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_jax(model, x) -> None:
@@ -102,13 +80,13 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             run_jax(model, x)
             compile_s = time.perf_counter() - start
-            jax_s = timed(lambda: run_jax(model, x), args.reps)  # noqa: B023
+            jax_s = timed(lambda: run_jax(model, x), args.reps, warmup=False)  # noqa: B023
             if args.no_torch:
                 print(f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | - | - |", flush=True)
                 continue
             xt = torch.from_numpy(x)
             run_torch(torch_model, xt)
-            torch_s = timed(lambda: run_torch(torch_model, xt), args.reps)  # noqa: B023
+            torch_s = timed(lambda: run_torch(torch_model, xt), args.reps, warmup=False)  # noqa: B023
             print(
                 f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | {torch_s:.3f} "
                 f"| {torch_s / jax_s:.2f} |",

@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench import cpu_model, timed
 
 from sslsim_jax import compare
 
@@ -116,27 +114,6 @@ _gram = jax.jit(lambda z: z.T @ z)
 def gram_floor(nets: dict[str, jax.Array]) -> jax.Array:
     z = jnp.concatenate(list(nets.values()), axis=1)  # [N, K*D]
     return jax.block_until_ready(_gram(z))
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up: compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

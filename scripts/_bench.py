@@ -1,0 +1,41 @@
+"""Shared helpers of the benchmark scripts: describing the machine and timing a call."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> str:
+    """One line: CPU, core count, jax version and backend."""
+    import jax
+
+    backend = jax.devices()[0].platform
+    return f"{cpu_model()}, nproc={os.cpu_count()}, jax {jax.__version__}, {backend}"
+
+
+def timed(fn: Callable[[], object], repeats: int, *, warmup: bool = True) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` (after one untimed warm-up call)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
