@@ -98,13 +98,22 @@ class LayerNorm32(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-class FeatureEncoder(nn.Module):
-    """Strided conv stack from waveform [B, S] to features [B, T, C] with frame lengths [B]."""
+class ConfiguredModule(nn.Module):
+    """Base of the model's modules: the architecture and the dtype/precision settings."""
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """dtype, param_dtype and precision, to pass on to submodules."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+
+
+class FeatureEncoder(ConfiguredModule):
+    """Strided conv stack from waveform [B, S] to features [B, T, C] with frame lengths [B]."""
 
     @nn.compact
     def __call__(self, waveforms: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -119,9 +128,7 @@ class FeatureEncoder(nn.Module):
                 strides=(s,),
                 padding="VALID",
                 use_bias=cfg.conv_bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                precision=self.precision,
+                **self.settings,
                 name=f"conv_layers_{i}_conv",
             )(x)
             lengths = conv_output_lengths(lengths, k, s)
@@ -139,13 +146,8 @@ class FeatureEncoder(nn.Module):
         return x, lengths
 
 
-class PositionalConv(nn.Module):
+class PositionalConv(ConfiguredModule):
     """Grouped 'same' convolution over time (weight norm folded into the kernel at conversion)."""
-
-    config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -156,9 +158,7 @@ class PositionalConv(nn.Module):
             kernel_size=(k,),
             padding=[(k // 2, k // 2)],
             feature_group_count=cfg.num_conv_pos_embedding_groups,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
+            **self.settings,
             name="conv",
         )(x)
         # An even kernel gives T + 1 outputs; transformers' SamePad layer drops the last one.
@@ -166,13 +166,8 @@ class PositionalConv(nn.Module):
         return activation(cfg.feat_extract_activation)(y)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(ConfiguredModule):
     """Multi-head self-attention; returns the output and the probabilities [B, H, T, T] (f32)."""
-
-    config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -182,9 +177,7 @@ class SelfAttention(nn.Module):
         def dense(name):
             return nn.Dense(
                 cfg.hidden_size,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                precision=self.precision,
+                **self.settings,
                 name=name,
             )
 
@@ -202,33 +195,25 @@ class SelfAttention(nn.Module):
         return dense("out_proj")(out), probs
 
 
-class FeedForward(nn.Module):
-    config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
+class FeedForward(ConfiguredModule):
+    """The block's two-layer feed-forward network with the config's activation."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        kw = self.settings
         h = nn.Dense(cfg.intermediate_size, name="intermediate_dense", **kw)(x)
         h = activation(cfg.hidden_act)(h)
         return nn.Dense(cfg.hidden_size, name="output_dense", **kw)(h)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(ConfiguredModule):
     """One transformer block: post-LN, or pre-LN when ``config.do_stable_layer_norm``."""
-
-    config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        kw = self.settings
         attention = SelfAttention(cfg, name="attention", **kw)
         feed_forward = FeedForward(cfg, name="feed_forward", **kw)
         norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="layer_norm")
@@ -244,7 +229,7 @@ class EncoderLayer(nn.Module):
         return x, probs
 
 
-class Encoder(nn.Module):
+class Encoder(ConfiguredModule):
     """Positional conv and transformer blocks; sows ``hidden_states`` (L+1) and ``attentions`` (L).
 
     ``hidden_states[0]`` is the transformer input (after the positional conv, and after the input
@@ -253,17 +238,12 @@ class Encoder(nn.Module):
     for pre-LN models (transformers' ``last_hidden_state``), the last block's output otherwise.
     """
 
-    config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
-
     @nn.compact
     def __call__(
         self, x: jax.Array, frame_mask: jax.Array, output_attentions: bool = False
     ) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        kw = self.settings
         # Zero padded frames so the 'same' conv sees what it sees on an utterance alone.
         x = jnp.where(frame_mask[..., None], x, 0).astype(self.dtype)
         x = x + PositionalConv(cfg, name="pos_conv_embed", **kw)(x)
@@ -281,7 +261,7 @@ class Encoder(nn.Module):
         return x
 
 
-class SpeechEncoder(nn.Module):
+class SpeechEncoder(ConfiguredModule):
     """Wav2Vec2 / HuBERT model (optionally with CTC head) from waveforms to hidden states.
 
     Attributes:
@@ -292,11 +272,6 @@ class SpeechEncoder(nn.Module):
             ``"highest"``); None uses JAX's default (or the ``jax.default_matmul_precision``
             context).
     """
-
-    config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    precision: Any = None
 
     @nn.compact
     def __call__(
@@ -318,7 +293,7 @@ class SpeechEncoder(nn.Module):
             ``frame_lengths`` [B] and ``logits`` [B, T, V] (None without a CTC head).
         """
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        kw = self.settings
         batch, samples = waveforms.shape
         if lengths is None:
             lengths = jnp.full((batch,), samples, jnp.int32)
