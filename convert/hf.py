@@ -49,6 +49,7 @@ class Entry:
     torch_key: str
     flax_path: tuple[str, ...]
     kind: Kind
+    layer: int | None = None  # transformer block index: stacked along the leading axis
 
 
 def name_map(config: ModelConfig) -> list[Entry]:
@@ -60,13 +61,13 @@ def name_map(config: ModelConfig) -> list[Entry]:
     """
     entries: list[Entry] = []
 
-    def linear(torch_prefix: str, *path: str):
-        entries.append(Entry(f"{torch_prefix}.weight", (*path, "kernel"), "linear"))
-        entries.append(Entry(f"{torch_prefix}.bias", (*path, "bias"), "vector"))
+    def linear(torch_prefix: str, *path: str, layer: int | None = None):
+        entries.append(Entry(f"{torch_prefix}.weight", (*path, "kernel"), "linear", layer))
+        entries.append(Entry(f"{torch_prefix}.bias", (*path, "bias"), "vector", layer))
 
-    def norm(torch_prefix: str, *path: str):
-        entries.append(Entry(f"{torch_prefix}.weight", (*path, "scale"), "vector"))
-        entries.append(Entry(f"{torch_prefix}.bias", (*path, "bias"), "vector"))
+    def norm(torch_prefix: str, *path: str, layer: int | None = None):
+        entries.append(Entry(f"{torch_prefix}.weight", (*path, "scale"), "vector", layer))
+        entries.append(Entry(f"{torch_prefix}.bias", (*path, "bias"), "vector", layer))
 
     fe = "feature_extractor"
     for i in range(len(config.conv_dim)):
@@ -83,14 +84,16 @@ def name_map(config: ModelConfig) -> list[Entry]:
     entries.append(Entry(f"{pos_t}.weight", (*pos, "kernel"), "weight_norm_conv"))
     entries.append(Entry(f"{pos_t}.bias", (*pos, "bias"), "vector"))
     norm("encoder.layer_norm", "encoder", "layer_norm")
+    f = ("encoder", "layers")  # the scanned blocks: one stacked [L, ...] array per name
     for i in range(config.num_hidden_layers):
-        t, f = f"encoder.layers.{i}", ("encoder", f"layers_{i}")
+        t = f"encoder.layers.{i}"
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{t}.attention.{proj}", *f, "attention", proj)
-        norm(f"{t}.layer_norm", *f, "layer_norm")
-        norm(f"{t}.final_layer_norm", *f, "final_layer_norm")
-        linear(f"{t}.feed_forward.intermediate_dense", *f, "feed_forward", "intermediate_dense")
-        linear(f"{t}.feed_forward.output_dense", *f, "feed_forward", "output_dense")
+            linear(f"{t}.attention.{proj}", *f, "attention", proj, layer=i)
+        norm(f"{t}.layer_norm", *f, "layer_norm", layer=i)
+        norm(f"{t}.final_layer_norm", *f, "final_layer_norm", layer=i)
+        ff = (*f, "feed_forward")
+        linear(f"{t}.feed_forward.intermediate_dense", *ff, "intermediate_dense", layer=i)
+        linear(f"{t}.feed_forward.output_dense", *ff, "output_dense", layer=i)
     if config.ctc_head:
         linear("lm_head", "lm_head")
     return entries
@@ -160,6 +163,7 @@ def convert_state_dict(
     used: set[str] = set()
     missing: list[str] = []
     params: dict = {}
+    stacked: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     for entry in entries:
         if entry.kind == "weight_norm_conv":
             stem = entry.torch_key[: -len(".weight")]
@@ -177,18 +181,19 @@ def convert_state_dict(
         arrays = [np.asarray(tensors[s]) for s in sources]
         torch_value = _fold_weight_norm(*arrays) if len(arrays) == 2 else arrays[0]
         if expected_shapes is not None:
-            want = _torch_layout(expected_shapes[entry.flax_path], entry.kind)
+            shape = expected_shapes[entry.flax_path]
+            want = _torch_layout(shape[1:] if entry.layer is not None else shape, entry.kind)
             if tuple(torch_value.shape) != want:
                 key = sources[-1]
                 raise CheckpointError(
                     f"{key}: checkpoint shape {tuple(torch_value.shape)} does not match "
                     f"shape {want} expected from config"
                 )
-        value = torch_value.T if entry.kind != "vector" else torch_value
-        node = params
-        for part in entry.flax_path[:-1]:
-            node = node.setdefault(part, {})
-        node[entry.flax_path[-1]] = np.ascontiguousarray(value.astype(param_dtype))
+        value = np.ascontiguousarray(torch_value.T if entry.kind != "vector" else torch_value)
+        if entry.layer is not None:
+            stacked.setdefault(entry.flax_path, {})[entry.layer] = value
+        else:
+            _place(params, entry.flax_path, value.astype(param_dtype))
     unexpected = sorted(set(tensors) - used)
     problems = []
     if missing:
@@ -197,7 +202,18 @@ def convert_state_dict(
         problems.append(f"unexpected key(s): {', '.join(unexpected)}")
     if problems:
         raise CheckpointError("; ".join(problems))
+    for path, layers in stacked.items():
+        # [L] arrays of one block parameter -> [L, ...]
+        value = np.stack([layers[i] for i in range(config.num_hidden_layers)])
+        _place(params, path, value.astype(param_dtype))
     return params
+
+
+def _place(params: dict, path: tuple[str, ...], value: np.ndarray) -> None:
+    node = params
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
 
 
 WEIGHT_FILES = (

@@ -29,7 +29,7 @@ from sslsim_jax.models.modules import SpeechEncoder
 
 MARKER = "sslsim_jax.json"
 PARAMS_DIR = "params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transformer block params stacked along a leading layer axis
 HUB_PATTERNS = [
     "config.json",
     "preprocessor_config.json",

@@ -51,14 +51,14 @@ def finetuned_variant(base: SpeechModel, *, seed: int = 0, vocab_size: int = 32)
 
     def perturb(path, value):
         nonlocal key
-        names = [getattr(p, "key", "") for p in path]
-        block = next((n for n in names if n.startswith("layers_")), None)
-        if block is None:
+        if "layers" not in [getattr(p, "key", "") for p in path]:
             return value
-        depth = (int(block.split("_")[1]) + 1) / layers
+        # Block params are stacked [L, ...]: block i gets noise of relative size 0.1·(i+1)/L.
+        depth = jnp.arange(1, layers + 1, dtype=value.dtype) / layers
+        depth = depth.reshape((layers,) + (1,) * (value.ndim - 1))
+        scale = jnp.std(value, axis=tuple(range(1, value.ndim)), keepdims=True)
         key, sub = jax.random.split(key)
-        noise = jax.random.normal(sub, value.shape, value.dtype)
-        return value + 0.1 * depth * jnp.std(value) * noise
+        return value + 0.1 * depth * scale * jax.random.normal(sub, value.shape, value.dtype)
 
     params = jax.tree_util.tree_map_with_path(perturb, base.params)
     params = {**params, "lm_head": fresh["lm_head"]}

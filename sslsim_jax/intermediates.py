@@ -67,8 +67,8 @@ def forward(
     )
     sown = state["intermediates"]["encoder"]
     return Intermediates(
-        hidden_states=jnp.stack(sown["hidden_states"]),
-        attentions=jnp.stack(sown["attentions"]) if attentions else None,
+        hidden_states=sown["hidden_states"][0],
+        attentions=sown["attentions"][0] if attentions else None,
         frame_mask=out["frame_mask"],
         frame_lengths=out["frame_lengths"],
         final_hidden_state=out["final_hidden_state"],

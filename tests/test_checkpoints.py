@@ -171,7 +171,7 @@ def test_convert_state_dict_is_pure_and_complete(state_and_config):
     assert all(flat[k].shape == shapes[k] for k in shapes)
     # Linear weights are transposed, conv weights reversed: [out, in, k] -> [k, in, out].
     np.testing.assert_array_equal(
-        flat["encoder", "layers_0", "attention", "q_proj", "kernel"],
+        flat["encoder", "layers", "attention", "q_proj", "kernel"][0],
         state["wav2vec2.encoder.layers.0.attention.q_proj.weight"].T,
     )
     np.testing.assert_array_equal(

@@ -187,16 +187,22 @@ def test_sow_exposes_intermediates_to_direct_module_users(built):
         {"params": model.params}, x, output_attentions=True, mutable=["intermediates"]
     )
     sown = state["intermediates"]["encoder"]
-    assert len(sown["hidden_states"]) == model.config.num_hidden_layers + 1
-    assert len(sown["attentions"]) == model.config.num_hidden_layers
-    out = model.intermediates(x)
-    for i, h in enumerate(sown["hidden_states"]):
-        assert_hidden_close(h, out.hidden_states[i])
+    (hidden,), (attentions,) = sown["hidden_states"], sown["attentions"]
+    cfg = model.config
+    assert hidden.shape[0] == cfg.num_hidden_layers + 1
+    assert attentions.shape[:3] == (cfg.num_hidden_layers, 1, cfg.num_attention_heads)
+    out = model.intermediates(x, attentions=True)
+    assert_hidden_close(hidden, out.hidden_states)
+    np.testing.assert_allclose(attentions, out.attentions, atol=ATTN_ATOL)
     # capture_intermediates works too (every submodule's output).
     _, captured = model.module.apply(
         {"params": model.params}, x, capture_intermediates=True, mutable=["intermediates"]
     )
-    assert "layers_0" in captured["intermediates"]["encoder"]
+    captured = captured["intermediates"]["encoder"]
+    assert "pos_conv_embed" in captured
+    # Inside the scanned blocks, captures are stacked over the L blocks.
+    (ff_out,) = captured["layers"]["feed_forward"]["__call__"]
+    assert ff_out.shape[:2] == (model.config.num_hidden_layers, 1)
 
 
 def test_bfloat16_compute_keeps_softmax_and_norms_in_float32(built):

@@ -31,9 +31,8 @@ def save_demo_model(path, name="tiny_wav2vec2", seed=0, poison_layer=None):
     model = demo.demo_model(name, seed=seed)
     params = jax.tree.map(np.array, model.params)
     if poison_layer is not None:
-        params["encoder"][f"layers_{poison_layer}"]["feed_forward"]["output_dense"]["bias"][0] = (
-            np.nan
-        )
+        bias = params["encoder"]["layers"]["feed_forward"]["output_dense"]["bias"]  # [L, D]
+        bias[poison_layer, 0] = np.nan
     config = resources.files("sslsim_jax").joinpath("data", f"{name}.json")
     with resources.as_file(config) as config_path:
         save_converted(config_path, params, path)

@@ -9,8 +9,11 @@ Every layer's hidden state and attention probabilities are recorded with ``self.
 
     _, state = SpeechEncoder(cfg).apply({"params": params}, x, lengths,
                                         output_attentions=True, mutable=["intermediates"])
-    state["intermediates"]["encoder"]["hidden_states"]  # tuple of L+1 arrays [B, T, D]
-    state["intermediates"]["encoder"]["attentions"]     # tuple of L arrays [B, H, T, T]
+    state["intermediates"]["encoder"]["hidden_states"][0]  # [L+1, B, T, D]
+    state["intermediates"]["encoder"]["attentions"][0]     # [L, B, H, T, T]
+
+The transformer blocks run under ``nn.scan``: their params are stacked along a leading L axis
+(``params["encoder"]["layers"]``).
 
 Padded batches are exact: the GroupNorm of base models is computed over each utterance's valid
 samples only, padded frames are zeroed before the positional convolution and masked out of
@@ -208,10 +211,18 @@ class FeedForward(ConfiguredModule):
 
 
 class EncoderLayer(ConfiguredModule):
-    """One transformer block: post-LN, or pre-LN when ``config.do_stable_layer_norm``."""
+    """One transformer block: post-LN, or pre-LN when ``config.do_stable_layer_norm``.
+
+    Written as the body of ``nn.scan`` over the blocks: returns ``(x, (x, probs))``, the carry
+    and the per-block outputs (``probs`` is None unless ``output_attentions``).
+    """
+
+    output_attentions: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
         cfg = self.config
         kw = self.settings
         attention = SelfAttention(cfg, name="attention", **kw)
@@ -226,16 +237,19 @@ class EncoderLayer(ConfiguredModule):
             h, probs = attention(x, key_mask)
             x = norm(x + h)
             x = final_norm(x + feed_forward(x))
-        return x, probs
+        return x, (x, probs if self.output_attentions else None)
 
 
 class Encoder(ConfiguredModule):
-    """Positional conv and transformer blocks; sows ``hidden_states`` (L+1) and ``attentions`` (L).
+    """Positional conv and the transformer blocks, scanned (``nn.scan``; params stacked [L, ...]).
 
-    ``hidden_states[0]`` is the transformer input (after the positional conv, and after the input
-    LayerNorm of post-LN models), ``hidden_states[i]`` the output of block i, as transformers
-    5.x's ``hidden_states``. Returns the final hidden state: the output of the final LayerNorm
-    for pre-LN models (transformers' ``last_hidden_state``), the last block's output otherwise.
+    Sows ``hidden_states`` [L+1, B, T, D] and, with ``output_attentions``, ``attentions``
+    [L, B, H, T, T], each as one stacked array: ``hidden_states[0]`` is the transformer input
+    (after the positional conv, and after the input LayerNorm of post-LN models),
+    ``hidden_states[i]`` the output of block i, as transformers 5.x's ``hidden_states``. The scan
+    writes every block's outputs in place (no stacking copy) and compiles one block, not L.
+    Returns the final hidden state: the output of the final LayerNorm for pre-LN models
+    (transformers' ``last_hidden_state``), the last block's output otherwise.
     """
 
     @nn.compact
@@ -250,12 +264,21 @@ class Encoder(ConfiguredModule):
         layer_norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="layer_norm")
         if not cfg.do_stable_layer_norm:
             x = layer_norm(x)
-        self.sow("intermediates", "hidden_states", x)
-        for i in range(cfg.num_hidden_layers):
-            x, probs = EncoderLayer(cfg, name=f"layers_{i}", **kw)(x, frame_mask)
-            self.sow("intermediates", "hidden_states", x)
-            if output_attentions:
-                self.sow("intermediates", "attentions", probs)
+        blocks = nn.scan(
+            EncoderLayer,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=cfg.num_hidden_layers,
+        )
+        first = x
+        x, (hidden, probs) = blocks(cfg, output_attentions=output_attentions, name="layers", **kw)(
+            x, frame_mask
+        )
+        # [B, T, D] and [L, B, T, D] -> [L+1, B, T, D]
+        self.sow("intermediates", "hidden_states", jnp.concatenate([first[None], hidden]))
+        if output_attentions:
+            self.sow("intermediates", "attentions", probs)
         if cfg.do_stable_layer_norm:
             x = layer_norm(x)
         return x
