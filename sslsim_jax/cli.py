@@ -27,6 +27,7 @@ def _settings(args: argparse.Namespace):
         bootstrap=args.bootstrap,
         seed=args.seed,
         checkpoint_seconds=args.checkpoint_seconds,
+        devices=args.devices,
     )
 
 
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--checkpoint-seconds", type=float, default=120.0,
         help="seconds between checkpoints of the statistics (default: %(default)s)",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--devices", type=int, metavar="N",
+        help="split batches over the first N local devices (default: all); results do not "
+        "depend on N",
     )  # fmt: skip
     analyze.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")

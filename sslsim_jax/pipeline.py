@@ -16,11 +16,18 @@ weights every frame of utterance u by w[u, r] ~ Poisson(1), drawn from ``(seed, 
 weights do not depend on batching or resumption; each replicate keeps its own statistics (memory
 grows with the number of replicates) and the interval is the 2.5–97.5 % percentile range.
 Attention-level metrics get no interval.
+
+Devices: every padded batch [B, S] is split over the ``"data"`` axis of a mesh
+(`sslsim_jax.distributed`), B rounded up to a multiple of the device count with silent
+utterances that have a valid length but weight 0 (they enter no statistic, attention sum, frame
+count or NaN check); the jitted statistics update reduces across devices. Batches do not depend
+on the device count, so neither do the results (up to float32 reduction order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -36,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sslsim_jax import audio, stats
+from sslsim_jax import audio, distributed, stats
 from sslsim_jax.intermediates import SpeechModel, load_model
 from sslsim_jax.metrics import attention as attn
 from sslsim_jax.pairwise import METRICS, compare_moments
@@ -70,6 +77,7 @@ class Settings:
         bootstrap: number of Poisson-bootstrap replicates for confidence intervals (0: none).
         seed: seeds the bootstrap.
         checkpoint_seconds: minimum wall time between checkpoints (0: after every batch).
+        devices: local devices to split batches over (None: all); results do not depend on it.
     """
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -82,6 +90,7 @@ class Settings:
     bootstrap: int = 0
     seed: int = 0
     checkpoint_seconds: float = 120.0
+    devices: int | None = None
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in LAYER_METRICS]
@@ -101,6 +110,8 @@ class Settings:
                 raise AnalysisError(f"--{field.replace('_', '-')}: expected > 0, got {value}")
         if self.batch_seconds <= 0:
             raise AnalysisError(f"--batch-seconds: expected > 0, got {self.batch_seconds}")
+        if self.devices is not None and self.devices < 1:
+            raise AnalysisError(f"--devices: expected >= 1, got {self.devices}")
         if self.bootstrap < 0:
             raise AnalysisError(f"--bootstrap: expected >= 0, got {self.bootstrap}")
 
@@ -319,26 +330,33 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> No
 def run_key(entries, utterances, settings) -> str:
     """Identifies a run for resumption: models, audio (paths, sizes), extraction settings.
 
-    A finished run keeps its statistics, so the same command with other ``--metrics`` skips
-    extraction.
+    A finished run keeps its statistics, so the same command with other ``--metrics`` (or on
+    another number of ``--devices``) skips extraction.
     """
     key = {
         "models": [(e.name, e.source, e.config_hash, e.layers, e.normalize) for e in entries],
         "audio": [(u.path, len(u.samples)) for u in utterances],
         # Metrics are computed from the statistics, so changing them reuses a finished run.
-        "settings": dataclasses.asdict(settings) | {"checkpoint_seconds": None, "metrics": None},
+        "settings": dataclasses.asdict(settings)
+        | {"checkpoint_seconds": None, "metrics": None, "devices": None},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-@jax.jit
 def _update(m: stats.Moments, z: jax.Array, where: jax.Array) -> stats.Moments:
     return stats.update(m, z, where=where)
 
 
-@jax.jit
 def _update_replicates(m: stats.Moments, z: jax.Array, weights: jax.Array) -> stats.Moments:
     return jax.vmap(lambda mr, w: stats.update(mr, z, where=w))(m, weights)
+
+
+@functools.cache
+def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+    """The jitted statistics updates for ``mesh``: frames z [B*T, ΣD] arrive split over
+    ``"data"`` and the statistics leave replicated, so XLA reduces across devices."""
+    out = distributed.replicated(mesh)
+    return jax.jit(_update, out_shardings=out), jax.jit(_update_replicates, out_shardings=out)
 
 
 def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequence[str]) -> None:
@@ -364,8 +382,19 @@ def extract(
     state_path: str | None = None,
     progress: bool = True,
 ) -> State:
-    """Runs every model over the audio and accumulates the statistics (resumably)."""
+    """Runs every model over the audio and accumulates the statistics (resumably).
+
+    Batches are split over ``settings.devices`` devices (see the module docstring).
+    """
     from tqdm.auto import tqdm
+
+    mesh = distributed.make_mesh(settings.devices)
+    multiple = distributed.batch_multiple(mesh)
+    update, update_replicates = _updaters(mesh)
+    for entry in entries:
+        # Placed once per run: a forward pass then finds its params on every device.
+        entry.model.params = jax.device_put(entry.model.params, distributed.replicated(mesh))
+    field = max(e.model.config.receptive_field for e in entries)
 
     sizes = tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
     state = _init_state(sizes, settings, entries)
@@ -388,15 +417,21 @@ def extract(
     for index, batch in enumerate(batches):
         if index < state.done:
             continue
-        waves = [utterances[i].samples for i in batch]
         paths = [utterances[i].path for i in batch]
+        # Silent dummies fill the batch to a multiple of the device count: a valid length (one
+        # receptive field), weight 0 everywhere below.
+        dummies = -len(batch) % multiple
+        waves = [utterances[i].samples for i in batch] + [np.zeros(field, np.float32)] * dummies
+        real = np.arange(len(waves)) < len(batch)  # [B]
         columns, mask, maps = [], None, {}
         for entry in entries:
             padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE)
             if entry.normalize:
                 padded = audio.normalize(padded, lens)
-            out = entry.model.intermediates(padded, lens, attentions=settings.attention)
-            frame_mask = np.asarray(out.frame_mask)
+            out = entry.model.intermediates(
+                distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
+            )
+            frame_mask = np.asarray(out.frame_mask) & real[:, None]  # [B, T]
             _check_finite(entry, out, frame_mask, paths)
             mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
             for label in entry.layers:
@@ -407,18 +442,19 @@ def extract(
                 maps[entry.name] = jnp.swapaxes(a, 0, 1).reshape(
                     a.shape[1], a.shape[0] * a.shape[2], *a.shape[3:]
                 )
-                frame_lengths = out.frame_lengths
+                # Dummies get 0 frames: they add nothing to any sum, only to ``skipped``.
+                frame_lengths = jnp.where(jnp.asarray(real), out.frame_lengths, 0)
         z = jnp.concatenate(columns, axis=1)  # [B*T, ΣD]
-        state.moments = _update(state.moments, z, jnp.asarray(mask))
+        state.moments = update(state.moments, z, jnp.asarray(mask))
         if state.replicates is not None:
             w = np.stack([_poisson_weights(settings.seed, i, settings.bootstrap) for i in batch])
-            t = len(mask) // len(batch)
+            w = np.pad(w, ((0, dummies), (0, 0)))  # [B, R]
+            t = len(mask) // len(waves)
             frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
-            state.replicates = _update_replicates(state.replicates, z, jnp.asarray(frame_w))
+            state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
         for (a, b, method), s in state.heads.items():
-            state.heads[a, b, method] = attn.update_state(
-                s, maps[a], maps[b], frame_lengths, method
-            )
+            s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
+            state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
         state.frames += int(mask.sum())
         state.done = index + 1
         bar.update(round(seconds[index], 1))
@@ -426,10 +462,21 @@ def extract(
         now = time.monotonic()
         final = index == len(batches) - 1
         if state_path and (final or now - last >= settings.checkpoint_seconds):
-            atomic_write(state_path, lambda f: np.savez(f, **_flatten_state(state)), mode="wb")
+            arrays = _flatten_state(_fetch(state))
+            atomic_write(state_path, lambda f, a=arrays: np.savez(f, **a), mode="wb")
             last = now
     bar.close()
-    return state
+    return _fetch(state)
+
+
+def _fetch(state: State) -> State:
+    """The statistics as host arrays, so the metrics run once rather than on every device."""
+    return dataclasses.replace(
+        state,
+        moments=distributed.fetch_replicated(state.moments),
+        replicates=distributed.fetch_replicated(state.replicates),
+        heads=distributed.fetch_replicated(state.heads),
+    )
 
 
 def _pair_rows(names_a, names_b, values: np.ndarray, metric: str) -> pd.DataFrame:

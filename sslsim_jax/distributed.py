@@ -1,0 +1,177 @@
+"""Devices and hosts: the mesh, the shardings the pipeline uses, and multi-host start-up.
+
+The only module that names devices. Everything else receives a `jax.sharding.Mesh` with one
+``"data"`` axis and places arrays with the shardings built here::
+
+    distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # multi-host only
+    mesh = distributed.make_mesh()                 # every local device of every process
+    batch = distributed.shard_batch(local_batch, mesh)   # [B_local, ...] -> global [B, ...]
+    params = jax.device_put(params, distributed.replicated(mesh))
+
+Batches are split over ``"data"`` along their leading (utterance) axis; statistics stay
+replicated, so a jitted update that reduces a sharded batch into replicated statistics makes XLA
+insert the cross-device (and cross-host) reduction. No ``pmap``.
+
+A mesh over several processes uses the same number of local devices in every process (the
+first ``devices`` of each), so a global batch is the concatenation of the processes' local
+batches in process order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "DATA",
+    "batch_multiple",
+    "data_sharding",
+    "fetch_replicated",
+    "initialize",
+    "make_mesh",
+    "replicated",
+    "shard_batch",
+]
+
+DATA = "data"
+AUTO = "auto"
+
+
+def initialize(
+    coordinator: str | None = None,
+    *,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_seconds: int = 300,
+) -> bool:
+    """Joins a multi-process run (``jax.distributed.initialize``); call before any computation.
+
+    Args:
+        coordinator: ``"HOST:PORT"`` of process 0's coordination service; ``"auto"`` lets JAX
+            read the cluster from the environment (Cloud TPU VMs, SLURM, Open MPI); None runs
+            a single process and does nothing.
+        num_processes: the number of processes (required with an explicit ``coordinator``).
+        process_id: this process's index in ``[0, num_processes)`` (required with an explicit
+            ``coordinator``).
+        timeout_seconds: how long to wait for the other processes to join.
+
+    Returns:
+        True when a multi-process run was joined.
+
+    Raises:
+        ValueError: inconsistent settings; the message names the flag.
+    """
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise ValueError(
+                "--num-processes/--process-id: need --coordinator HOST:PORT (or 'auto')"
+            )
+        return False
+    if coordinator != AUTO:
+        if num_processes is None or process_id is None:
+            raise ValueError(
+                f"--coordinator {coordinator}: also give --num-processes and --process-id"
+            )
+        if num_processes < 1:
+            raise ValueError(f"--num-processes: expected >= 1, got {num_processes}")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process-id: expected 0 <= id < {num_processes} (--num-processes), "
+                f"got {process_id}"
+            )
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--coordinator: expected HOST:PORT, got {coordinator!r}")
+    # CPU collectives across processes need gloo, chosen before the backend starts; the
+    # setting only concerns the CPU backend, so it is harmless on GPU and TPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {"initialization_timeout": timeout_seconds}
+    if coordinator != AUTO:
+        kwargs |= dict(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over the first ``devices`` local devices of each process.
+
+    Args:
+        devices: local devices per process (None: all of them).
+
+    Returns:
+        A `Mesh` of ``devices * jax.process_count()`` devices, ordered by process, with an
+        ``Auto`` axis type (shardings are propagated by the compiler, not checked by types).
+
+    Raises:
+        ValueError: ``devices`` is not in ``[1, jax.local_device_count()]``; names ``--devices``.
+    """
+    local = jax.local_device_count()
+    if devices is None:
+        devices = local
+    if not 1 <= devices <= local:
+        raise ValueError(
+            f"--devices: expected 1 <= N <= {local} (local {jax.default_backend()} devices), "
+            f"got {devices}"
+        )
+    chosen = []
+    for p in range(jax.process_count()):
+        mine = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+        chosen.extend(mine[:devices])
+    return jax.make_mesh((len(chosen),), (DATA,), axis_types=(AxisType.Auto,), devices=chosen)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (utterance or frame) axis split over ``"data"``, the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of the mesh (params, statistics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_multiple(mesh: Mesh) -> int:
+    """Local batches must hold a multiple of this many utterances (local devices in the mesh)."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def shard_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A global array split over ``"data"`` from this process's part.
+
+    Args:
+        local: [B_local, ...] this process's rows; ``B_local`` a multiple of
+            ``batch_multiple(mesh)`` and equal in every process.
+
+    Returns:
+        [B_local * process_count, ...] global array, rows in process order.
+    """
+    local = np.asarray(local)
+    if local.shape[0] % batch_multiple(mesh):
+        raise ValueError(
+            f"expected a leading axis divisible by {batch_multiple(mesh)} local devices, "
+            f"got shape {local.shape}"
+        )
+    return jax.make_array_from_process_local_data(data_sharding(mesh), local)
+
+
+def fetch_replicated(tree: Any) -> Any:
+    """Host (numpy) copies of the replicated arrays in ``tree``, from this process's devices.
+
+    Works for arrays that span several processes, where ``np.asarray`` would not. Further work
+    on the copies (the metrics) then runs once, on the default device, rather than replicated
+    on every device of the mesh.
+    """
+
+    def fetch(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if not x.is_fully_replicated:
+            raise ValueError(f"expected a replicated array, got sharding {x.sharding}")
+        return np.asarray(x.addressable_data(0))
+
+    return jax.tree.map(fetch, tree)

@@ -1,0 +1,212 @@
+"""Mesh, shardings and data-parallel analysis: one device and eight fake CPU devices give the
+same table. Fake devices live in subprocesses, so the rest of the suite keeps one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from sslsim_jax import demo, distributed
+from sslsim_jax.audio import demo_audio_paths
+from sslsim_jax.pipeline import AnalysisError, Settings, analyze
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEECH = demo_audio_paths()
+# 5 utterances in batches of 2 and 3 (batch_seconds=8): neither divides over 8 devices, so
+# every batch carries dummies.
+SETTINGS = dict(
+    metrics=("linear_cka", "maxcorr", "svcca", "debiased_cka"),
+    attention=True,
+    attention_methods=("fro", "js"),
+    batch_seconds=8.0,
+    bootstrap=2,
+)
+KEYS = ["model_a", "layer_a", "model_b", "layer_b", "metric"]
+
+
+def _models():
+    return [
+        ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
+        ("hubert", demo.demo_model("tiny_hubert", seed=1)),
+    ]
+
+
+def run_python(code: str, *, devices: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter with ``devices`` fake CPU devices."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+def read_table(path, keys=KEYS) -> pd.DataFrame:
+    table = pd.read_csv(path, dtype={"layer_a": str, "layer_b": str})
+    return table.sort_values(keys).reset_index(drop=True)
+
+
+def assert_tables_close(table: pd.DataFrame, expected: pd.DataFrame, columns, name: str):
+    """≤ 1e-6 relative, except Frobenius similarity of a head with itself: its distance 0 comes
+    out of a Gram identity as up to ~10 √ε ‖A‖ in float32 (``attention.head_similarity_sums``),
+    a rounding residue that depends on the matmul shapes, hence on the per-device batch."""
+    same = (table.model_a == table.model_b) & (table.layer_a == table.layer_b)
+    if "head_a" in table:
+        same &= table.head_a == table.head_b
+    fro = table.get("metric", table.get("method")).isin(["attention_fro", "fro"])
+    residue = (same & fro).to_numpy()
+    for column in columns:
+        a, b = table[column].to_numpy(), expected[column].to_numpy()
+        np.testing.assert_allclose(
+            a[~residue], b[~residue], rtol=1e-6, atol=1e-6, err_msg=f"{name} {column}"
+        )
+        np.testing.assert_allclose(a[residue], b[residue], atol=1e-3, err_msg=f"{name} {column}")
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    analyze(_models(), SPEECH, out, Settings(**SETTINGS), progress=False, report=False)
+    return out
+
+
+def test_mesh_and_shardings():
+    mesh = distributed.make_mesh()
+    assert mesh.axis_names == (distributed.DATA,) and mesh.size == jax.device_count()
+    assert distributed.batch_multiple(mesh) == 1
+    x = distributed.shard_batch(np.arange(6.0).reshape(3, 2), mesh)
+    assert x.sharding == distributed.data_sharding(mesh)
+    np.testing.assert_array_equal(np.asarray(x), np.arange(6.0).reshape(3, 2))
+    with pytest.raises(ValueError, match="--devices: expected 1 <= N <= 1"):
+        distributed.make_mesh(2)
+    with pytest.raises(AnalysisError, match="--devices: expected >= 1, got 0"):
+        Settings(devices=0)
+
+
+def test_initialize_checks_its_flags():
+    assert distributed.initialize() is False
+    with pytest.raises(ValueError, match="--num-processes/--process-id: need --coordinator"):
+        distributed.initialize(num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match="also give --num-processes and --process-id"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2)
+    with pytest.raises(ValueError, match="--process-id: expected 0 <= id < 2"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+    with pytest.raises(ValueError, match="--coordinator: expected HOST:PORT"):
+        distributed.initialize("localhost", num_processes=2, process_id=0)
+
+
+def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path):
+    """Same analysis on 8 devices: 5 utterances, batches of 2 and 3 padded to 8."""
+    code = f"""
+        import jax
+        from sslsim_jax import demo, distributed
+        from sslsim_jax.audio import demo_audio_paths
+        from sslsim_jax.pipeline import Settings, analyze
+        assert jax.device_count() == 8, jax.devices()
+        mesh = distributed.make_mesh()
+        x = distributed.shard_batch(jax.numpy.zeros((8, 3)), mesh)
+        assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (1, 3)
+        models = [
+            ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
+            ("hubert", demo.demo_model("tiny_hubert", seed=1)),
+        ]
+        settings = Settings(**{SETTINGS!r}, devices=8)
+        analyze(models, demo_audio_paths(), {str(tmp_path / "d8")!r}, settings, progress=False,
+                report=False)
+        """
+    run = run_python(code, devices=8)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_outputs(tmp_path / "d8", one_device)
+
+
+def assert_same_outputs(out, expected_out):
+    """similarities.csv, neurons.csv, attention_heads.csv and run.json's counts agree."""
+    expected = read_table(expected_out / "similarities.csv")
+    table = read_table(out / "similarities.csv")
+    assert table[KEYS].equals(expected[KEYS])
+    assert_tables_close(table, expected, ("value", "ci_low", "ci_high"), "similarities.csv")
+    neurons = pd.read_csv(out / "neurons.csv")
+    expected_neurons = pd.read_csv(expected_out / "neurons.csv")
+    np.testing.assert_allclose(neurons.correlation, expected_neurons.correlation, rtol=1e-6,
+                               atol=1e-6)  # fmt: skip
+    keys = ["model_a", "layer_a", "head_a", "model_b", "layer_b", "head_b", "method"]
+    heads = read_table(out / "attention_heads.csv", keys)
+    expected_heads = read_table(expected_out / "attention_heads.csv", keys)
+    assert heads[keys].equals(expected_heads[keys])
+    assert_tables_close(heads, expected_heads, ("value",), "attention_heads.csv")
+    run = json.loads((out / "run.json").read_text())
+    expected_run = json.loads((expected_out / "run.json").read_text())
+    assert run["frames"] == expected_run["frames"]
+    assert run["attention_skipped_utterances"] == expected_run["attention_skipped_utterances"]
+    assert all(v == 0 for v in run["attention_skipped_utterances"].values())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_merge_statistics_like_one():
+    """Two real processes on localhost (gloo CPU collectives), 2 fake devices each: each holds
+    half of the frames, and the jitted update's cross-process reduction gives the one-pass
+    statistics of all frames."""
+    code = """
+        import sys
+        import jax
+        import numpy as np
+        from sslsim_jax import distributed, stats
+        pid, port = int(sys.argv[1]), sys.argv[2]
+        assert distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                                      timeout_seconds=60)
+        mesh = distributed.make_mesh()
+        assert mesh.size == 4 and distributed.batch_multiple(mesh) == 2
+        rng = np.random.default_rng(0)
+        z = (rng.normal(size=(16, 5)) * 3 + 100).astype(np.float32)  # [N, D], large mean
+        w = rng.random(16) > 0.3  # [N]
+        mine = slice(8 * pid, 8 * pid + 8)
+        update = jax.jit(lambda m, z, w: stats.update(m, z, where=w),
+                         out_shardings=distributed.replicated(mesh))
+        m = update(stats.init((2, 3)), distributed.shard_batch(z[mine], mesh),
+                   distributed.shard_batch(w[mine], mesh))
+        m = distributed.fetch_replicated(m)
+        expected = stats.moments(z.astype(np.float64), where=w, sizes=(2, 3))
+        # float32 against float64: third and fourth moments (row_*) keep fewer digits.
+        for field, rtol in (("count", 0), ("mean", 1e-6), ("comoment", 2e-5),
+                            ("row_cross", 1e-3), ("row_gram", 1e-4)):
+            np.testing.assert_allclose(getattr(m, field), getattr(expected, field),
+                                       rtol=rtol, atol=1e-2, err_msg=field)
+        print("ok", pid)
+        """
+    port = str(free_port())
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), str(pid), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )  # fmt: skip
+        for pid in (0, 1)
+    ]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for pid, (p, (stdout, stderr)) in enumerate(zip(procs, results, strict=True)):
+        assert p.returncode == 0 and f"ok {pid}" in stdout, stderr[-3000:]
