@@ -39,13 +39,22 @@ def _layer_index(text: str) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    import jax
+
+    from sslsim_jax import distributed
     from sslsim_jax.pipeline import analyze
 
+    settings = _settings(args)
+    distributed.initialize(
+        args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
     audio = args.audio[0] if len(args.audio) == 1 else args.audio
     table = analyze(
-        args.models, audio, args.out, _settings(args), progress=not args.quiet,
+        args.models, audio, args.out, settings, progress=not args.quiet,
         report=not args.no_report,
     )  # fmt: skip
+    if jax.process_index() != 0:
+        return 0
     print(f"wrote {len(table)} rows to {args.out}/similarities.csv")
     if not args.no_report:
         print(f"report: {args.out}/report.html")
@@ -132,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="split batches over the first N local devices (default: all); results do not "
         "depend on N",
     )  # fmt: skip
+    analyze.add_argument(
+        "--coordinator", metavar="HOST:PORT",
+        help="multi-process run: process 0's address ('auto': read the cluster environment, "
+        "e.g. on Cloud TPU VMs); each process reads its share of the audio, process 0 writes",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--num-processes", type=int, metavar="P", help="multi-process run: number of processes"
+    )
+    analyze.add_argument(
+        "--process-id", type=int, metavar="I", help="multi-process run: this process, 0..P-1"
+    )
     analyze.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(func=_analyze)

@@ -14,7 +14,9 @@ insert the cross-device (and cross-host) reduction. No ``pmap``.
 
 A mesh over several processes uses the same number of local devices in every process (the
 first ``devices`` of each), so a global batch is the concatenation of the processes' local
-batches in process order.
+batches in process order. The analysis itself (`sslsim_jax.pipeline`) runs every process on a
+``local=True`` mesh over its own share of the audio and merges the statistics across processes
+once at the end, so processes never wait on each other batch by batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "DATA",
+    "allgather_json",
     "batch_multiple",
     "data_sharding",
     "fetch_replicated",
@@ -97,11 +100,13 @@ def initialize(
     return True
 
 
-def make_mesh(devices: int | None = None) -> Mesh:
+def make_mesh(devices: int | None = None, *, local: bool = False) -> Mesh:
     """A 1-D mesh with axis ``"data"`` over the first ``devices`` local devices of each process.
 
     Args:
         devices: local devices per process (None: all of them).
+        local: this process's devices only (the analysis runs each process on its own part of
+            the audio and merges statistics across processes at the end).
 
     Returns:
         A `Mesh` of ``devices * jax.process_count()`` devices, ordered by process, with an
@@ -110,16 +115,16 @@ def make_mesh(devices: int | None = None) -> Mesh:
     Raises:
         ValueError: ``devices`` is not in ``[1, jax.local_device_count()]``; names ``--devices``.
     """
-    local = jax.local_device_count()
+    available = jax.local_device_count()
     if devices is None:
-        devices = local
-    if not 1 <= devices <= local:
+        devices = available
+    if not 1 <= devices <= available:
         raise ValueError(
-            f"--devices: expected 1 <= N <= {local} (local {jax.default_backend()} devices), "
+            f"--devices: expected 1 <= N <= {available} (local {jax.default_backend()} devices), "
             f"got {devices}"
         )
     chosen = []
-    for p in range(jax.process_count()):
+    for p in [jax.process_index()] if local else range(jax.process_count()):
         mine = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
         chosen.extend(mine[:devices])
     return jax.make_mesh((len(chosen),), (DATA,), axis_types=(AxisType.Auto,), devices=chosen)
@@ -175,3 +180,19 @@ def fetch_replicated(tree: Any) -> Any:
         return np.asarray(x.addressable_data(0))
 
     return jax.tree.map(fetch, tree)
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's ``value`` (JSON-serialisable), in process order; ``[value]`` alone."""
+    if jax.process_count() == 1:
+        return [value]
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)])))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, max size]
+    return [json.loads(bytes(row[:n])) for row, n in zip(gathered, sizes, strict=True)]

@@ -22,6 +22,12 @@ Devices: every padded batch [B, S] is split over the ``"data"`` axis of a mesh
 utterances that have a valid length but weight 0 (they enter no statistic, attention sum, frame
 count or NaN check); the jitted statistics update reduces across devices. Batches do not depend
 on the device count, so neither do the results (up to float32 reduction order).
+
+Processes (after `sslsim_jax.distributed.initialize`): process p of P reads utterances
+p, p + P, p + 2P, … of the list, runs them on its own devices, and checkpoints under its own
+run key; the statistics of all processes are then merged (Chan's update, in process order) and
+only process 0 writes outputs. Bootstrap weights are drawn from the utterance's index in the
+full list, so they match a single-process run unless clips were dropped as too short.
 """
 
 from __future__ import annotations
@@ -222,12 +228,21 @@ def finetune_pairs(entries: Sequence[ModelEntry]) -> list[tuple[str, str]]:
 
 
 def load_audio(
-    source: Any, entries: Sequence[ModelEntry], settings: Settings
+    source: Any,
+    entries: Sequence[ModelEntry],
+    settings: Settings,
+    *,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[audio.Utterance]:
-    """Loads, crops and filters the utterances; checks every model sees the same frames."""
+    """Loads, crops and filters the utterances; checks every model sees the same frames.
+
+    ``shard=(p, P)`` keeps utterances p, p + P, p + 2P, … of the list (process p of P).
+    """
     paths = audio.list_audio(source)
     if settings.max_utterances is not None:
         paths = paths[: settings.max_utterances]
+    index, count = shard
+    paths = paths[index::count]
     utterances = audio.load_utterances(paths, max_seconds=settings.max_seconds)
     field = max(e.model.config.receptive_field for e in entries)
     utterances = audio.filter_short(utterances, min_samples=field)
@@ -381,14 +396,18 @@ def extract(
     *,
     state_path: str | None = None,
     progress: bool = True,
+    ids: Sequence[int] | None = None,
 ) -> State:
     """Runs every model over the audio and accumulates the statistics (resumably).
 
-    Batches are split over ``settings.devices`` devices (see the module docstring).
+    Batches are split over ``settings.devices`` devices of this process (see the module
+    docstring). ``ids``: each utterance's index in the full list, which seeds its bootstrap
+    weights (default: its position in ``utterances``).
     """
     from tqdm.auto import tqdm
 
-    mesh = distributed.make_mesh(settings.devices)
+    ids = range(len(utterances)) if ids is None else ids
+    mesh = distributed.make_mesh(settings.devices, local=True)
     multiple = distributed.batch_multiple(mesh)
     update, update_replicates = _updaters(mesh)
     for entry in entries:
@@ -447,7 +466,9 @@ def extract(
         z = jnp.concatenate(columns, axis=1)  # [B*T, ΣD]
         state.moments = update(state.moments, z, jnp.asarray(mask))
         if state.replicates is not None:
-            w = np.stack([_poisson_weights(settings.seed, i, settings.bootstrap) for i in batch])
+            w = np.stack(
+                [_poisson_weights(settings.seed, ids[i], settings.bootstrap) for i in batch]
+            )
             w = np.pad(w, ((0, dummies), (0, 0)))  # [B, R]
             t = len(mask) // len(waves)
             frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
@@ -467,6 +488,41 @@ def extract(
             last = now
     bar.close()
     return _fetch(state)
+
+
+def _list_indices(source: Any, utterances: Sequence[audio.Utterance], settings) -> list[int]:
+    """Each of this process's utterances' index in the full audio list."""
+    paths = audio.list_audio(source)[: settings.max_utterances]
+    index, count = jax.process_index(), jax.process_count()
+    mine = iter(range(index, len(paths), count))
+    # In order; a dropped clip is skipped (the same path always has the same length).
+    return [next(i for i in mine if paths[i] == u.path) for u in utterances]
+
+
+def merge_processes(state: State) -> State:
+    """The statistics of every process's utterances, on every process (host arrays)."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    arrays = _flatten_state(state)
+    gathered = {k: np.asarray(multihost_utils.process_allgather(v)) for k, v in arrays.items()}
+    parts = [
+        _restore_state({k: v[p] for k, v in gathered.items()}, state)
+        for p in range(jax.process_count())
+    ]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = State(
+            done=merged.done,
+            moments=stats.merge(merged.moments, part.moments),
+            replicates=None
+            if merged.replicates is None
+            else jax.vmap(stats.merge)(merged.replicates, part.replicates),
+            heads={k: attn.merge_states(s, part.heads[k]) for k, s in merged.heads.items()},
+            frames=merged.frames + part.frames,
+        )
+    return _fetch(merged)
 
 
 def _fetch(state: State) -> State:
@@ -687,16 +743,29 @@ def analyze(
     settings = settings or Settings()
     out = check_output_dir(out)
     entries = prepare_models(models, settings)
-    utterances = load_audio(audio_source, entries, settings)
+    process, processes = jax.process_index(), jax.process_count()
+    utterances = load_audio(audio_source, entries, settings, shard=(process, processes))
     key = run_key(entries, utterances, settings)
+    ids = _list_indices(audio_source, utterances, settings) if processes > 1 else None
     state = extract(
         entries,
         utterances,
         settings,
         state_path=os.path.join(out, STATE_DIR, f"{key}.npz"),
         progress=progress,
+        ids=ids,
     )
+    state = merge_processes(state)
+    records = [
+        {**u.record(), "frames": entries[0].model.config.num_frames(u.num_samples)}
+        for u in utterances
+    ]
+    if processes > 1:
+        gathered = distributed.allgather_json(list(zip(ids, records, strict=True)))
+        records = [r for _, r in sorted(pair for part in gathered for pair in part)]
     table = similarity_table(state, entries, settings, progress=progress)
+    if process != 0:
+        return table
     atomic_write(os.path.join(out, "similarities.csv"), lambda f: table.to_csv(f, index=False))
     pairs, ranks = neuron_tables(state, entries)
     atomic_write(os.path.join(out, "neurons.csv"), lambda f: pairs.to_csv(f, index=False))
@@ -722,10 +791,8 @@ def analyze(
         ],
         "finetune_pairs": finetune_pairs(entries),
         "frames": state.frames,
-        "utterances": [
-            {**u.record(), "frames": entries[0].model.config.num_frames(u.num_samples)}
-            for u in utterances
-        ],
+        "utterances": records,
+        "processes": processes,
         "attention_skipped_utterances": skipped,
         "settings": dataclasses.asdict(settings),
         "versions": versions(),

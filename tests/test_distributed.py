@@ -187,22 +187,20 @@ def test_two_processes_merge_statistics_like_one():
                                        rtol=rtol, atol=1e-2, err_msg=field)
         print("ok", pid)
         """
+    run_two_processes(code, devices=2, timeout=120)
+
+
+def run_two_processes(code: str, *, devices: int, timeout: float) -> None:
+    """Runs ``code`` as processes 0 and 1 (``argv``: id, port) on localhost with ``devices``
+    fake CPU devices each; each must print ``ok <id>``."""
     port = str(free_port())
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code), str(pid), port],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )  # fmt: skip
-        for pid in (0, 1)
-    ]
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    procs = [subprocess.Popen([*command, str(pid), port], **pipes) for pid in (0, 1)]
     try:
-        results = [p.communicate(timeout=120) for p in procs]
+        results = [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -210,3 +208,43 @@ def test_two_processes_merge_statistics_like_one():
                 p.wait()
     for pid, (p, (stdout, stderr)) in enumerate(zip(procs, results, strict=True)):
         assert p.returncode == 0 and f"ok {pid}" in stdout, stderr[-3000:]
+
+
+def test_two_processes_give_the_one_process_table(one_device, tmp_path):
+    """Each process analyses its share of the 5 utterances (0, 2, 4 and 1, 3) on 2 devices;
+    process 0 writes the merged table, equal to the one-process one."""
+    code = f"""
+        import os
+        import sys
+        from sslsim_jax import demo, distributed
+        from sslsim_jax.audio import demo_audio_paths
+        from sslsim_jax.pipeline import Settings, analyze
+        pid, port = int(sys.argv[1]), sys.argv[2]
+        distributed.initialize(f"127.0.0.1:{{port}}", num_processes=2, process_id=pid,
+                               timeout_seconds=60)
+        models = [
+            ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
+            ("hubert", demo.demo_model("tiny_hubert", seed=1)),
+        ]
+        out = {str(tmp_path)!r} + f"/p{{pid}}"
+        analyze(models, demo_audio_paths(), out, Settings(**{SETTINGS!r}), progress=False,
+                report=False)
+        assert os.path.isfile(out + "/similarities.csv") == (pid == 0)
+        print("ok", pid)
+        """
+    run_two_processes(code, devices=2, timeout=300)
+    assert_same_outputs(tmp_path / "p0", one_device)
+    run = json.loads((tmp_path / "p0" / "run.json").read_text())
+    assert run["processes"] == 2 and [u["path"] for u in run["utterances"]] == SPEECH
+
+
+def test_cli_multi_process_flags_need_a_coordinator(tmp_path, capsys):
+    from sslsim_jax import cli
+
+    args = ["analyze", "m", "--audio", "a", "--out", str(tmp_path), "--num-processes", "2"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "sslsim analyze: error: --num-processes/--process-id: need --coordinator HOST:PORT "
+        "(or 'auto')"
+    )
