@@ -1,0 +1,76 @@
+"""Data-parallel extraction throughput on 1, 2, 4, 8 devices (`sslsim_jax.pipeline.extract`).
+
+Runs the models over the audio once per device count (forward passes, NaN checks, joint
+statistics update; attention with ``--attention``) and reports seconds of audio per second and
+valid frames per second through the statistics, compilation excluded (each device count runs
+once untimed first). Defaults: the built-in tiny demo models and the shipped speech repeated.
+
+On a CPU, ``--fake-devices 8`` splits the one host into 8 XLA devices that share the same cores:
+the numbers then show the overhead of sharding (dummy utterances, collectives, smaller
+per-device matmuls), never a speed-up. Real scaling needs real devices (GPUs, TPU cores).
+
+Usage::
+
+    python scripts/bench_scale.py --fake-devices 8 --devices 1 2 4 8
+    python scripts/bench_scale.py MODEL_DIR [MODEL_DIR ...] --audio DIR --devices 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="model directories (default: demo models)")
+    parser.add_argument("--audio", nargs="+", help="audio (default: shipped speech)")
+    parser.add_argument("--repeat", type=int, default=4, help="list the audio R times")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--fake-devices", type=int, help="split the CPU into N XLA devices")
+    parser.add_argument("--batch-seconds", type=float, default=20.0)
+    parser.add_argument("--attention", action="store_true")
+    args = parser.parse_args()
+    if args.fake_devices:
+        if "jax" in sys.modules:
+            raise SystemExit("--fake-devices must be set before jax is imported")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.fake_devices}"
+        )
+
+    import jax
+    from _bench import machine
+
+    from sslsim_jax import audio, demo
+    from sslsim_jax.pipeline import Settings, extract, load_audio, prepare_models
+
+    models = args.models or [
+        ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
+        ("hubert", demo.demo_model("tiny_hubert", seed=1)),
+    ]
+    paths = (args.audio or audio.demo_audio_paths()) * args.repeat
+    print(machine(), f"devices={jax.device_count()}")
+    print("| devices | utterances | audio s | wall s | audio s/s | frames/s | vs 1 device |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for n in args.devices:
+        settings = Settings(batch_seconds=args.batch_seconds, attention=args.attention, devices=n)
+        entries = prepare_models(models, settings)
+        utterances = load_audio(paths, entries, settings)
+        extract(entries, utterances, settings, progress=False)  # compiles
+        start = time.perf_counter()
+        state = extract(entries, utterances, settings, progress=False)
+        wall = time.perf_counter() - start
+        seconds = sum(u.num_samples for u in utterances) / audio.SAMPLE_RATE
+        base = base or wall
+        print(
+            f"| {n} | {len(utterances)} | {seconds:.1f} | {wall:.2f} | {seconds / wall:.1f} | "
+            f"{state.frames / wall:.0f} | {base / wall:.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()
