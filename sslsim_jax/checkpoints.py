@@ -7,6 +7,7 @@ neither torch nor a conversion step, and gives bit-identical params.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,8 +77,6 @@ def convert_hf_dir(path: str | os.PathLike, *, param_dtype=np.float32) -> tuple[
 
 
 def _with_ctc_head(config: ModelConfig, state_dict: dict) -> ModelConfig:
-    import dataclasses
-
     vocab = np.shape(state_dict.get("lm_head.weight", np.zeros((config.vocab_size or 0, 0))))[0]
     return dataclasses.replace(config, ctc_head=True, vocab_size=int(vocab))
 
@@ -129,8 +128,6 @@ def load_converted(path: str | os.PathLike, *, param_dtype=None) -> tuple[ModelC
         )
     config = ModelConfig.from_json_file(os.path.join(path, "config.json"))
     if marker.get("ctc_head") and not config.ctc_head:
-        import dataclasses
-
         config = dataclasses.replace(config, ctc_head=True, vocab_size=marker["vocab_size"])
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(path, PARAMS_DIR))

@@ -16,14 +16,11 @@ from importlib import resources
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pandas as pd
 
 from sslsim_jax.intermediates import SpeechModel
 from sslsim_jax.models import ModelConfig
 from sslsim_jax.models.modules import SpeechEncoder
-
-DEMO_MODELS = ("tiny_wav2vec2", "tiny_hubert")
 
 
 def demo_config(name: str) -> ModelConfig:
@@ -72,24 +69,6 @@ def demo_models(seed: int = 0) -> list[tuple[str, SpeechModel]]:
         ("tiny-wav2vec2-ft", finetuned_variant(base, seed=seed)),
         ("tiny-hubert", demo_model("tiny_hubert", seed=seed + 1)),
     ]
-
-
-def synthetic_speech(count: int, seconds: float, *, seed: int = 0) -> list[np.ndarray]:
-    """Speech-like test signals: harmonic voices with gliding pitch, syllable-rate amplitude
-    modulation and noise; lengths vary between half and all of ``seconds``; zero mean, unit
-    variance (as the feature extractor normalises)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        n = int(16000 * seconds * rng.uniform(0.5, 1.0))
-        t = np.arange(n) / 16000
-        f0 = rng.uniform(90, 240) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-        phase = 2 * np.pi * np.cumsum(f0) / 16000
-        voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-        envelope = 0.5 * (1 + np.sin(2 * np.pi * rng.uniform(3, 6) * t))
-        x = voice * envelope + 0.05 * rng.standard_normal(n)
-        out.append(((x - x.mean()) / x.std()).astype(np.float32))
-    return out
 
 
 def run(

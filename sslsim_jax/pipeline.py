@@ -375,14 +375,18 @@ def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
 
 
 def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequence[str]) -> None:
-    for label in entry.layers:
-        h = entry.hidden(out, label)
-        bad = np.asarray(~jnp.all(jnp.isfinite(h.astype(jnp.float32)), axis=-1)) & mask
-        if bad.any():
-            u = int(np.argwhere(bad)[0][0])
-            raise AnalysisError(
-                f"model {entry.name}: NaN or Inf in layer {label} for utterance {batch_paths[u]}"
-            )
+    # One device computation and one transfer for all kept layers: [layers, B, T].
+    finite = jnp.stack(
+        [jnp.all(jnp.isfinite(entry.hidden(out, label).astype(jnp.float32)), axis=-1)
+         for label in entry.layers]
+    )  # fmt: skip
+    bad = ~np.asarray(finite) & mask
+    if bad.any():
+        layer, u, _ = np.argwhere(bad)[0]  # first layer, then first utterance
+        raise AnalysisError(
+            f"model {entry.name}: NaN or Inf in layer {entry.layers[layer]} for utterance "
+            f"{batch_paths[u]}"
+        )
 
 
 def _poisson_weights(seed: int, index: int, replicates: int) -> np.ndarray:
