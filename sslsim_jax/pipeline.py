@@ -559,7 +559,7 @@ def _pair_rows(names_a, names_b, values: np.ndarray, metric: str) -> pd.DataFram
 def similarity_table(
     state: State, entries: Sequence[ModelEntry], settings: Settings, *, progress: bool = True
 ) -> pd.DataFrame:
-    """The tidy table of every metric for every ordered pair of networks."""
+    """The tidy table of every layer metric for every ordered pair of networks (with CIs)."""
     from tqdm.auto import tqdm
 
     names = [f"{e.name}:{label}" for e in entries for label in e.layers]
@@ -591,7 +591,6 @@ def similarity_table(
             frame["ci_low"] = np.percentile(reps, 2.5, axis=0)
             frame["ci_high"] = np.percentile(reps, 97.5, axis=0)
         frames.append(frame)
-    frames.extend(attention_tables(state, entries)[0])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -767,14 +766,17 @@ def analyze(
     if processes > 1:
         gathered = distributed.allgather_json(list(zip(ids, records, strict=True)))
         records = [r for _, r in sorted(pair for part in gathered for pair in part)]
-    table = similarity_table(state, entries, settings, progress=progress)
+    attention_rows, heads = attention_tables(state, entries)
+    table = pd.concat(
+        [similarity_table(state, entries, settings, progress=progress), *attention_rows],
+        ignore_index=True,
+    )
     if process != 0:
         return table
     atomic_write(os.path.join(out, "similarities.csv"), lambda f: table.to_csv(f, index=False))
     pairs, ranks = neuron_tables(state, entries)
     atomic_write(os.path.join(out, "neurons.csv"), lambda f: pairs.to_csv(f, index=False))
     atomic_write(os.path.join(out, "neuron_rankings.csv"), lambda f: ranks.to_csv(f, index=False))
-    _, heads = attention_tables(state, entries)
     if heads is not None:
         path = os.path.join(out, "attention_heads.csv")
         atomic_write(path, lambda f: heads.to_csv(f, index=False))
