@@ -2,10 +2,17 @@
 
 Both run side by side in one process on the same random-weight model (base and large sizes),
 10 s of audio, batch 1 and 8; the JAX compile time is reported separately. Prints one row per
-case with the steady-state times and the ratio torch / jax (> 1 means JAX is faster).
+case with the steady-state times, audio seconds per second, the ratio torch / jax (> 1 means
+JAX is faster) and how far JAX's hidden states and attentions are from PyTorch's (max abs
+difference over all layers, relative to max |h|; attention absolute).
+
+``--precision`` sets both sides: JAX's matmul precision, and for PyTorch on CUDA whether TF32
+is allowed (``highest``/``float32``: not allowed, in matmuls and cuDNN convolutions alike;
+anything else: allowed, PyTorch's ``"high"``).
 
     python scripts/bench_forward.py                       # base and large, batch 1 and 8
     python scripts/bench_forward.py --sizes base --batches 1 --reps 3
+    python scripts/bench_forward.py --torch-device cuda --precision tensorfloat32   # on a GPU
 """
 
 from __future__ import annotations
@@ -36,11 +43,25 @@ def run_jax(model, x) -> None:
     jax.block_until_ready(model.intermediates(x, attentions=True))
 
 
-def run_torch(model, x) -> None:
+def run_torch(model, x):
     import torch
 
     with torch.inference_mode():
-        model(x, output_hidden_states=True, output_attentions=True)
+        out = model(x, output_hidden_states=True, output_attentions=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+def deviation(model, torch_model, x, xt) -> tuple[float, float]:
+    """(max |Δh| / max |h| over all hidden states, max |Δ attention|), JAX vs PyTorch."""
+    ours = model.intermediates(x, attentions=True)
+    theirs = run_torch(torch_model, xt)
+    h = np.stack([t.float().cpu().numpy() for t in theirs.hidden_states])
+    a = np.stack([t.float().cpu().numpy() for t in theirs.attentions])  # [L, B, H, T, T]
+    dh = np.abs(np.asarray(ours.hidden_states, np.float32) - h).max() / np.abs(h).max()
+    da = np.abs(np.asarray(ours.attentions, np.float32) - a).max()
+    return float(dh), float(da)
 
 
 def main(argv=None) -> int:
@@ -51,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--precision", default="highest", help="JAX matmul precision")
     parser.add_argument("--no-torch", action="store_true", help="time JAX only")
+    parser.add_argument("--torch-device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
 
     import torch
@@ -61,17 +83,26 @@ def main(argv=None) -> int:
     from sslsim_jax.intermediates import SpeechModel
     from sslsim_jax.models import ModelConfig
 
-    print(f"# machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    exact = args.precision in ("highest", "float32")
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    torch.backends.cudnn.allow_tf32 = not exact
+    torch.set_float32_matmul_precision("highest" if exact else "high")
+    gpu = torch.cuda.get_device_name() if args.torch_device.startswith("cuda") else ""
+    print(f"# machine: {machine()} {gpu}; torch {torch.__version__} on {args.torch_device}")
     print(f"# {args.seconds:g} s audio each; precision={args.precision}; median of {args.reps}")
-    print("| model | batch | jax compile (s) | jax (s) | torch eager (s) | torch / jax |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | batch | jax compile (s) | jax (s) | jax audio s/s | torch eager (s) "
+        "| torch audio s/s | torch / jax | max rel Δh | max Δattn |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     samples = int(args.seconds * 16000)
     for size in args.sizes:
         hf_config = Wav2Vec2Config(**SIZES[size], attn_implementation="eager")
         torch.manual_seed(0)
         torch_model = Wav2Vec2Model(hf_config).eval()
+        torch_model.to(args.torch_device)
         config = ModelConfig.from_hf_config(hf_config.to_dict())
-        state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+        state = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
         params = convert_state_dict(state, config, expected_shapes=param_shapes(config))
         model = SpeechModel(config, params, precision=args.precision)
         for batch in args.batches:
@@ -81,15 +112,18 @@ def main(argv=None) -> int:
             run_jax(model, x)
             compile_s = time.perf_counter() - start
             jax_s = timed(lambda: run_jax(model, x), args.reps, warmup=False)  # noqa: B023
+            audio_s = batch * args.seconds
+            row = f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | {audio_s / jax_s:.1f} "
             if args.no_torch:
-                print(f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | - | - |", flush=True)
+                print(row + "| - | - | - | - | - |", flush=True)
                 continue
-            xt = torch.from_numpy(x)
+            xt = torch.from_numpy(x).to(args.torch_device)
             run_torch(torch_model, xt)
             torch_s = timed(lambda: run_torch(torch_model, xt), args.reps, warmup=False)  # noqa: B023
+            dh, da = deviation(model, torch_model, x, xt) if batch == 1 else (np.nan, np.nan)
             print(
-                f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | {torch_s:.3f} "
-                f"| {torch_s / jax_s:.2f} |",
+                row + f"| {torch_s:.3f} | {audio_s / torch_s:.1f} | {torch_s / jax_s:.2f} "
+                f"| {dh:.1e} | {da:.1e} |",
                 flush=True,
             )
     return 0

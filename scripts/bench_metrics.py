@@ -10,9 +10,12 @@ Three timings on the same K networks of N frames x D neurons (float32):
    the kept principal subspaces with PWCCA weights, CKA's three Gram matrices);
 3. the floor: one joint Gram matmul Zᵀ Z, Z = [N, K·D].
 
-Compile time is excluded (one warm-up run of each). Usage::
+Compile time is excluded (one warm-up run of each). ``--precisions`` then times ``compare``
+under other ``jax.default_matmul_precision`` settings and prints each metric's largest change
+from the "highest" (exact float32) result. Usage::
 
     python scripts/bench_metrics.py --k 4 --n 20000 --d 768
+    python scripts/bench_metrics.py --precisions tensorfloat32 bfloat16   # on a GPU or TPU
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=768, help="neurons per network")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--per-pair-repeats", type=int, default=1)
+    parser.add_argument("--precisions", nargs="*", default=[], help="also time these precisions")
     args = parser.parse_args()
     print(
         f"# {cpu_model()}, nproc={os.cpu_count()}, jax {jax.__version__}, "
@@ -146,6 +150,15 @@ def main() -> None:
             f"{t_pair / t_ours:.1f}x |  (max |compare - per-pair| = {worst:.1e})",
             flush=True,
         )
+        for precision in args.precisions:
+            with jax.default_matmul_precision(precision):
+                t = timed(lambda nets=nets: compare(nets, metrics=METRICS), args.repeats)
+                other = compare(nets, metrics=METRICS)
+            delta = (other.value - df.value).abs().groupby(df.metric).max()
+            changes = ", ".join(f"{m} {v:.1e}" for m, v in delta.items())
+            print(
+                f"#   K={k} precision={precision}: compare {t:.2f} s; max |Δ| vs highest: {changes}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Usage::
 
     python scripts/bench_scale.py --fake-devices 8 --devices 1 2 4 8
     python scripts/bench_scale.py MODEL_DIR [MODEL_DIR ...] --audio DIR --devices 1 2 4 8
+    python scripts/bench_scale.py --size base --devices 1      # two random base-size models
 """
 
 from __future__ import annotations
@@ -21,6 +22,22 @@ import argparse
 import os
 import sys
 import time
+
+
+def random_model(size: str, seed: int):
+    """A random-weight wav2vec2 model of the base or large shapes (``bench_forward.SIZES``)."""
+    import jax
+    from bench_forward import SIZES
+    from transformers import Wav2Vec2Config
+
+    from sslsim_jax.intermediates import SpeechModel
+    from sslsim_jax.models import ModelConfig
+    from sslsim_jax.models.modules import SpeechEncoder
+
+    config = ModelConfig.from_hf_config(Wav2Vec2Config(**SIZES[size]).to_dict())
+    samples = jax.numpy.zeros((1, config.receptive_field), jax.numpy.float32)
+    params = SpeechEncoder(config).init(jax.random.key(seed), samples)["params"]
+    return SpeechModel(config, params)
 
 
 def main() -> None:
@@ -32,6 +49,10 @@ def main() -> None:
     parser.add_argument("--fake-devices", type=int, help="split the CPU into N XLA devices")
     parser.add_argument("--batch-seconds", type=float, default=20.0)
     parser.add_argument("--attention", action="store_true")
+    parser.add_argument(
+        "--size", choices=["base", "large"], help="two random-weight models of this size"
+    )
+    parser.add_argument("--precision", default="highest", help="matmul precision of the run")
     args = parser.parse_args()
     if args.fake_devices:
         if "jax" in sys.modules:
@@ -47,23 +68,32 @@ def main() -> None:
     from sslsim_jax import audio, demo
     from sslsim_jax.pipeline import Settings, extract, load_audio, prepare_models
 
-    models = args.models or [
-        ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
-        ("hubert", demo.demo_model("tiny_hubert", seed=1)),
-    ]
+    if args.size:
+        models = [(f"{args.size}-{seed}", random_model(args.size, seed)) for seed in (0, 1)]
+    else:
+        models = args.models or [
+            ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
+            ("hubert", demo.demo_model("tiny_hubert", seed=1)),
+        ]
     paths = (args.audio or audio.demo_audio_paths()) * args.repeat
-    print(machine(), f"devices={jax.device_count()}")
+    print(machine(), f"devices={jax.device_count()}, precision={args.precision}")
     print("| devices | utterances | audio s | wall s | audio s/s | frames/s | vs 1 device |")
     print("|---|---|---|---|---|---|---|")
     base = None
     for n in args.devices:
-        settings = Settings(batch_seconds=args.batch_seconds, attention=args.attention, devices=n)
+        settings = Settings(
+            batch_seconds=args.batch_seconds,
+            attention=args.attention,
+            devices=n,
+            precision=args.precision,
+        )
         entries = prepare_models(models, settings)
         utterances = load_audio(paths, entries, settings)
-        extract(entries, utterances, settings, progress=False)  # compiles
-        start = time.perf_counter()
-        state = extract(entries, utterances, settings, progress=False)
-        wall = time.perf_counter() - start
+        with jax.default_matmul_precision(args.precision):
+            extract(entries, utterances, settings, progress=False)  # compiles
+            start = time.perf_counter()
+            state = extract(entries, utterances, settings, progress=False)
+            wall = time.perf_counter() - start
         seconds = sum(u.num_samples for u in utterances) / audio.SAMPLE_RATE
         base = base or wall
         print(

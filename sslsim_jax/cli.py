@@ -28,6 +28,8 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         checkpoint_seconds=args.checkpoint_seconds,
         devices=args.devices,
+        precision=args.precision,
+        dtype=args.dtype,
     )
 
 
@@ -84,7 +86,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sslsim_jax.pipeline import DEFAULT_METRICS, LAYER_METRICS
+    from sslsim_jax.pipeline import DEFAULT_METRICS, DTYPES, LAYER_METRICS, PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="sslsim",
@@ -140,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices", type=int, metavar="N",
         help="split batches over the first N local devices (default: all); results do not "
         "depend on N",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--precision", default="highest", choices=PRECISIONS,
+        help="matmul precision of models and metrics: 'highest' is exact float32 on every "
+        "device; 'tensorfloat32' (GPU) or 'bfloat16' (TPU) is faster and less exact "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--dtype", default="float32", choices=DTYPES,
+        help="the models' compute dtype; statistics are float32 either way (default: %(default)s)",
     )  # fmt: skip
     analyze.add_argument(
         "--coordinator", metavar="HOST:PORT",

@@ -62,6 +62,9 @@ STATE_DIR = ".sslsim_state"
 # similar lengths share one compiled shape instead of compiling one program each.
 PAD_MULTIPLE = 4000
 FINAL = "final"
+# Values of ``jax.default_matmul_precision`` offered by --precision, most exact first.
+PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "bfloat16", "default")
+DTYPES = ("float32", "bfloat16")
 
 
 class AnalysisError(ValueError):
@@ -84,6 +87,12 @@ class Settings:
         seed: seeds the bootstrap.
         checkpoint_seconds: minimum wall time between checkpoints (0: after every batch).
         devices: local devices to split batches over (None: all); results do not depend on it.
+        precision: matmul precision of the whole run, model and metrics
+            (``jax.default_matmul_precision``): "highest" is exact float32 on every backend;
+            "tensorfloat32" (GPU) and "bfloat16"/"default" (TPU) are faster and change the
+            activations in the 3rd-4th significant digit (README "Precision").
+        dtype: the models' compute dtype, "float32" or "bfloat16" (norms and softmax stay
+            float32; statistics are always accumulated in float32).
     """
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -97,6 +106,8 @@ class Settings:
     seed: int = 0
     checkpoint_seconds: float = 120.0
     devices: int | None = None
+    precision: str = "highest"
+    dtype: str = "float32"
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in LAYER_METRICS]
@@ -120,6 +131,12 @@ class Settings:
             raise AnalysisError(f"--devices: expected >= 1, got {self.devices}")
         if self.bootstrap < 0:
             raise AnalysisError(f"--bootstrap: expected >= 0, got {self.bootstrap}")
+        if self.precision not in PRECISIONS:
+            raise AnalysisError(
+                f"--precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise AnalysisError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclasses.dataclass
@@ -186,7 +203,7 @@ def prepare_models(
             source, normalize = model.path or name, True
         else:
             source = os.fspath(item)
-            model = load_model(source)
+            model = load_model(source, dtype=jnp.dtype(settings.dtype))
             name = model_name(source)
             normalize = audio.feature_extractor_settings(model.path)["do_normalize"]
         base, k = name, 2
@@ -744,6 +761,11 @@ def analyze(
         The similarity table also written to ``out/similarities.csv``.
     """
     settings = settings or Settings()
+    with jax.default_matmul_precision(settings.precision):
+        return _analyze(models, audio_source, out, settings, progress=progress, report=report)
+
+
+def _analyze(models, audio_source, out, settings: Settings, *, progress: bool, report: bool):
     out = check_output_dir(out)
     entries = prepare_models(models, settings)
     process, processes = jax.process_index(), jax.process_count()

@@ -19,8 +19,9 @@ pairwise update of Chan, Golub and LeVeque (1979), extended to the row-norm accu
 sides are re-centred on the merged mean with exact polynomial identities, then added. The merge
 is associative up to rounding, so batches may be merged in any order and `psum` over a mesh axis
 gives the one-pass result. Inputs of any float dtype (bfloat16 included) are promoted to at least
-float32 before centring; accumulation uses ``Precision.HIGHEST`` (no TF32 or bf16 passes on
-accelerators).
+float32 before centring. Matmuls use `matmul_precision`: ``"highest"`` (exact float32: no TF32
+or single bf16 passes on accelerators) unless the caller chose otherwise with
+``jax.default_matmul_precision``.
 
 Weights are frequency weights: a frame with weight 2 counts as the frame seen twice; a boolean
 mask is the weights 0/1. Padded frames must have weight 0.
@@ -53,6 +54,7 @@ from flax import struct
 
 __all__ = [
     "Moments",
+    "matmul_precision",
     "init",
     "moments",
     "joint_moments",
@@ -64,7 +66,19 @@ __all__ = [
     "segment_ids",
 ]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+
+def matmul_precision() -> jax.lax.Precision | None:
+    """The precision of the matmuls in metric code, read when a function is traced.
+
+    ``Precision.HIGHEST`` (exact float32 on every backend) by default. Inside
+    ``with jax.default_matmul_precision(p):`` it is None, so every matmul follows ``p``
+    (e.g. ``"tensorfloat32"`` on GPU or ``"bfloat16"`` on TPU: faster, about 3 significant
+    digits). ``jax.jit`` keys its cache on that setting, so a compiled function never mixes the
+    two. See README "Precision" for what each setting changes.
+    """
+    if jax.config.jax_default_matmul_precision is None:
+        return jax.lax.Precision.HIGHEST
+    return None
 
 
 @struct.dataclass
@@ -159,8 +173,8 @@ def moments(
     n = jnp.sum(w)
     safe_n = jnp.where(n > 0, n, 1)
     # Two passes: the second corrects the rounding of the first when |mean| >> spread.
-    mean0 = jnp.einsum("n,nd->d", w, z, precision=_HIGHEST) / safe_n
-    mean = mean0 + jnp.einsum("n,nd->d", w, z - mean0, precision=_HIGHEST) / safe_n
+    mean0 = jnp.einsum("n,nd->d", w, z, precision=matmul_precision()) / safe_n
+    mean = mean0 + jnp.einsum("n,nd->d", w, z - mean0, precision=matmul_precision()) / safe_n
     zc = z - mean
     zw = zc * w[:, None]
     offsets = np.cumsum((0,) + sizes)
@@ -169,14 +183,14 @@ def moments(
     for a in range(len(sizes)):
         lo, hi = int(offsets[a]), int(offsets[a + 1])
         # [N, D_a]^T [N, D - lo] -> [D_a, D - lo]: block row a from its diagonal block on.
-        row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=_HIGHEST)
+        row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=matmul_precision())
         comoment = comoment.at[lo:hi, lo:].set(row)
         comoment = comoment.at[hi:, lo:hi].set(row[:, hi - lo :].T)
     seg = jnp.asarray(segment_ids(sizes))
     onehot = jax.nn.one_hot(seg, len(sizes), dtype=dtype)  # [D, K]
-    r = jnp.einsum("nd,dk->nk", zc * zc, onehot, precision=_HIGHEST)  # [N, K]
-    row_cross = jnp.einsum("nd,nk->dk", zw, r, precision=_HIGHEST)
-    row_gram = jnp.einsum("n,nk,nl->kl", w, r, r, precision=_HIGHEST)
+    r = jnp.einsum("nd,dk->nk", zc * zc, onehot, precision=matmul_precision())  # [N, K]
+    row_cross = jnp.einsum("nd,nk->dk", zw, r, precision=matmul_precision())
+    row_gram = jnp.einsum("n,nk,nl->kl", w, r, r, precision=matmul_precision())
     return Moments(
         count=n,
         mean=jnp.where(n > 0, mean, 0),
@@ -214,15 +228,15 @@ def _shift(m: Moments, delta: jax.Array) -> Moments:
     k = len(m.sizes)
     onehot = jax.nn.one_hot(jnp.asarray(segment_ids(m.sizes)), k, dtype=delta.dtype)  # [D, K]
     big_delta = delta[:, None] * onehot  # [D, K]: delta_k in network k's rows of column k
-    q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=_HIGHEST)  # [K] ‖δ_k‖²
-    s = jnp.matmul(jnp.diagonal(m.comoment), onehot, precision=_HIGHEST)  # [K] Σ w r_k
-    c_delta = jnp.matmul(m.comoment, big_delta, precision=_HIGHEST)  # [D, K]
-    dp = jnp.matmul(big_delta.T, m.row_cross, precision=_HIGHEST)  # [K, K]
+    q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=matmul_precision())  # [K] ‖δ_k‖²
+    s = jnp.matmul(jnp.diagonal(m.comoment), onehot, precision=matmul_precision())  # [K] Σ w r_k
+    c_delta = jnp.matmul(m.comoment, big_delta, precision=matmul_precision())  # [D, K]
+    dp = jnp.matmul(big_delta.T, m.row_cross, precision=matmul_precision())  # [K, K]
     n = m.count
     row_gram = (
         m.row_gram
         - 2 * (dp + dp.T)
-        + 4 * jnp.matmul(big_delta.T, c_delta, precision=_HIGHEST)
+        + 4 * jnp.matmul(big_delta.T, c_delta, precision=matmul_precision())
         + jnp.outer(s, q)
         + jnp.outer(q, s)
         + n * jnp.outer(q, q)

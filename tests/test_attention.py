@@ -462,3 +462,20 @@ def test_device_merge_with_psum_equals_one_call():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("method", ["fro", "pearson"])
+def test_gram_precision_follows_the_run_setting(method):
+    maps = jnp.full((1, 2, 3, 3), 1 / 3)
+
+    def sums(m):
+        return attention.head_similarity_sums(m, m, method=method).total
+
+    def precisions():
+        text = jax.jit(sums).lower(maps).as_text()
+        return {line.split("precision = [")[1].split(",")[0]
+                for line in text.splitlines() if "dot_general" in line}  # fmt: skip
+
+    assert precisions() == {"HIGHEST"}
+    with jax.default_matmul_precision("bfloat16"):
+        assert precisions() == {"DEFAULT"}

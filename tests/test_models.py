@@ -18,6 +18,15 @@ torch = pytest.importorskip("torch")
 ATTN_ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """Parity is defined for exact float32 matmuls; GPUs default to TF32 and TPUs to bfloat16
+    passes, so every test here sets the precision rather than inherit the backend's."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
+
 def assert_hidden_close(actual, expected, what="hidden states"):
     expected = np.asarray(expected)
     atol = 1e-4 + 1e-4 * np.abs(expected).max()

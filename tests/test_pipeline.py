@@ -340,3 +340,31 @@ def test_finished_run_reuses_its_statistics_for_other_metrics(models, analysis, 
     self_pairs = table[(table.metric == "procrustes") & (table.model_a == table.model_b)]
     self_pairs = self_pairs[self_pairs.layer_a == self_pairs.layer_b]
     np.testing.assert_allclose(self_pairs.value, 0.0, atol=1e-4)
+
+
+def test_precision_and_dtype_settings_reach_the_models_and_metrics(models, tmp_path, monkeypatch):
+    import sslsim_jax.pipeline as pipeline
+
+    seen = {}
+    forward, compare = sslsim_jax.SpeechModel.intermediates, pipeline.compare_moments
+
+    def spy_forward(self, *args, **kwargs):
+        seen["model"] = (jax.config.jax_default_matmul_precision, self.module.dtype)
+        return forward(self, *args, **kwargs)
+
+    def spy_compare(*args, **kwargs):
+        seen["metrics"] = jax.config.jax_default_matmul_precision
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(sslsim_jax.SpeechModel, "intermediates", spy_forward)
+    monkeypatch.setattr(pipeline, "compare_moments", spy_compare)
+    settings = Settings(
+        metrics=("linear_cka",), max_seconds=1.0, precision="tensorfloat32", dtype="bfloat16"
+    )
+    table = analyze(models, SPEECH[:1], tmp_path, settings, progress=False, report=False)
+    assert seen == {"model": ("tensorfloat32", jax.numpy.bfloat16), "metrics": "tensorfloat32"}
+    assert np.isfinite(table.value).all()
+    assert jax.config.jax_default_matmul_precision is None  # restored after the run
+    for bad in (dict(precision="fast"), dict(dtype="float16")):
+        with pytest.raises(ValueError, match=f"--{next(iter(bad))}: expected one of"):
+            Settings(**bad)

@@ -218,3 +218,24 @@ def test_psum_over_fake_devices_equals_one_pass():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok" in out.stdout
+
+
+def _dot_precisions(fn, *args) -> set[str]:
+    """The precision of every dot in fn's lowered program (StableHLO text)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    found = set()
+    for line in text.splitlines():
+        if "dot_general" in line:
+            found.add(line.split("precision = [")[1].split(",")[0] if "precision" in line else "")
+    return found
+
+
+def test_metric_matmuls_are_highest_unless_the_caller_sets_a_precision():
+    z = jnp.ones((6, 3))
+    assert _dot_precisions(lambda z: stats.moments(z).comoment, z) == {"HIGHEST"}
+    with jax.default_matmul_precision("bfloat16"):
+        assert stats.matmul_precision() is None
+        assert _dot_precisions(lambda z: stats.moments(z).comoment, z) == {"DEFAULT"}
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert _dot_precisions(lambda z: stats.moments(z).comoment, z) == {"HIGH"}
+    assert stats.matmul_precision() == jax.lax.Precision.HIGHEST

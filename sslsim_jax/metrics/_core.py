@@ -19,7 +19,6 @@ import numpy as np
 
 from sslsim_jax import stats
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 # A neuron is constant when its standard deviation is below this many ulps of its scale
 # (|mean| or the largest std of its network): below that, float rounding is all it carries.
 _CONSTANT_ULPS = 8.0
@@ -225,7 +224,7 @@ def debiased_cka_all(b: Blocks) -> jax.Array:
 def linreg_all(b: Blocks, s: Spectra) -> jax.Array:
     """[K, K] mean over valid neurons of a of √R² of predicting them from all of b."""
     # [K, P, K, P] x [K, P, P] -> [K, P, K, P]: C_ab Q_b, rows scaled to standardised a.
-    proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=_HIGHEST)
+    proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=stats.matmul_precision())
     proj = proj * s.inv_sd[:, :, None, None]
     r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [K, P, K]
     return _masked_mean(jnp.sqrt(r2), b.valid[:, :, None], axis=1)
@@ -252,7 +251,7 @@ def cca_all(
     ia, ib = pair_index(k)
     cross = b.comoment[ia, :, ib, :]  # [pairs, P, P]
     # [pairs, W, P] @ [pairs, P, P] @ [pairs, P, W]: whitened cross block of kept directions.
-    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ia], cross, qk[ib], precision=_HIGHEST)
+    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ia], cross, qk[ib], precision=stats.matmul_precision())
     u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
     m = jnp.minimum(s.kept[ia], s.kept[ib])  # [pairs]
     take = jnp.arange(width)[None, :] < m[:, None]  # [pairs, W]
@@ -263,11 +262,15 @@ def cca_all(
     if not pwcca:
         return svcca, None
     own = b.comoment[jnp.arange(k), :, jnp.arange(k), :]  # [K, P, P]
-    load = jnp.einsum("kpw,kpq->kwq", qk, own, precision=_HIGHEST)  # [K, W, P] <U_w, x_q>
+    load = jnp.einsum(
+        "kpw,kpq->kwq", qk, own, precision=stats.matmul_precision()
+    )  # [K, W, P] <U_w, x_q>
 
     def weighted(vecs: jax.Array, side: np.ndarray) -> jax.Array:
         # [pairs, W, W]^T x [pairs, W, P] -> [pairs, W(canonical), P]: <h_k, x_j>.
-        align = jnp.abs(jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=_HIGHEST))
+        align = jnp.abs(
+            jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=stats.matmul_precision())
+        )
         weight = jnp.where(take, jnp.sum(align, axis=2), 0)
         total = jnp.sum(weight, axis=1)
         return jnp.where(total > 0, jnp.sum(weight * rho, axis=1) / jnp.maximum(total, 1e-30), 0)

@@ -340,7 +340,7 @@ def head_similarity_sums(
     lengths: jax.Array | None = None,
     method: Method = "fro",
     *,
-    precision: lax.PrecisionLike = lax.Precision.HIGHEST,
+    precision: lax.PrecisionLike | None = None,
     block_elements: int = DEFAULT_JS_BLOCK_ELEMENTS,
 ) -> HeadSimilarityState:
     """Similarity sums of every head pair over one padded batch of utterances.
@@ -376,7 +376,9 @@ def head_similarity_sums(
       maps_b: [U, Hb, T, T] attention maps of the second layer(s), same utterances and frames.
       lengths: [U] valid frames per utterance (clipped to [0, T]); None means all T valid.
       method: ``"fro"``, ``"pearson"`` or ``"js"``.
-      precision: matmul precision of the Gram matrices (float32 on GPU/TPU needs HIGHEST).
+      precision: matmul precision of the Gram matrices; None: ``stats.matmul_precision()``
+        ("highest" unless set with ``jax.default_matmul_precision``). Float32 maps on GPU or
+        TPU need "highest" for the accuracy stated above.
       block_elements: element budget of one Jensen–Shannon step (``"js"`` only).
 
     Returns:
@@ -391,6 +393,8 @@ def head_similarity_sums(
             count=jnp.zeros((), jnp.int32),
             skipped=jnp.asarray(u, jnp.int32),
         )
+    if precision is None:
+        precision = stats.matmul_precision()
     if method == "fro":
         return _fro_sums(maps_a, maps_b, n, precision)
     if method == "pearson":
@@ -425,7 +429,7 @@ def update_state(
     lengths: jax.Array | None = None,
     method: Method = "fro",
     *,
-    precision: lax.PrecisionLike = lax.Precision.HIGHEST,
+    precision: lax.PrecisionLike | None = None,
     block_elements: int = DEFAULT_JS_BLOCK_ELEMENTS,
 ) -> HeadSimilarityState:
     """Adds one padded batch to ``state``; see ``head_similarity_sums`` for the arguments.
@@ -456,7 +460,7 @@ def head_similarity(
     lengths: jax.Array | None = None,
     method: Method = "fro",
     *,
-    precision: lax.PrecisionLike = lax.Precision.HIGHEST,
+    precision: lax.PrecisionLike | None = None,
     block_elements: int = DEFAULT_JS_BLOCK_ELEMENTS,
 ) -> jax.Array:
     """Similarity S [Ha, Hb] of every head of ``maps_a`` with every head of ``maps_b``.

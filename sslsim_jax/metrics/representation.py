@@ -277,7 +277,7 @@ def procrustes(x: jax.Array, y: jax.Array, *, where: jax.Array | None = None) ->
 def _rbf_centred_gram(
     x: jax.Array, valid: jax.Array, threshold: float
 ) -> tuple[jax.Array, jax.Array]:
-    dots = jnp.matmul(x, x.T, precision=_core._HIGHEST)  # [S, S]
+    dots = jnp.matmul(x, x.T, precision=stats.matmul_precision())  # [S, S]
     sq = jnp.diagonal(dots)
     dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * dots, 0)
     pair = valid[:, None] & valid[None, :]
@@ -336,7 +336,7 @@ def rbf_cka_matrix(
         oks.append(ok)
     flat = jnp.stack(grams)  # [K, S*S]
     ok = jnp.stack(oks)
-    inner = jnp.matmul(flat, flat.T, precision=_core._HIGHEST)  # [K, K]
+    inner = jnp.matmul(flat, flat.T, precision=stats.matmul_precision())  # [K, K]
     norm = jnp.sqrt(jnp.diagonal(inner))
     den = norm[:, None] * norm[None, :]
     good = ok[:, None] & ok[None, :] & (den > 0)
