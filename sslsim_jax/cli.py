@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace):
         devices=args.devices,
         precision=args.precision,
         dtype=args.dtype,
+        stat_shards=args.stat_shards,
     )
 
 
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices", type=int, metavar="N",
         help="split batches over the first N local devices (default: all); results do not "
         "depend on N",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--stat-shards", type=int, default=1, metavar="S",
+        help="split the joint statistics over S devices (a divisor of --devices), for more "
+        "networks than one device's memory holds (default: %(default)s, a copy per device)",
     )  # fmt: skip
     analyze.add_argument(
         "--precision", default="highest", choices=PRECISIONS,

@@ -1,16 +1,18 @@
 """Devices and hosts: the mesh, the shardings the pipeline uses, and multi-host start-up.
 
-The only module that names devices. Everything else receives a `jax.sharding.Mesh` with one
-``"data"`` axis and places arrays with the shardings built here::
+The only module that names devices. Everything else receives a `jax.sharding.Mesh` with a
+``"data"`` axis and a ``"stats"`` axis and places arrays with the shardings built here::
 
     distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=0)  # multi-host only
     mesh = distributed.make_mesh()                 # every local device of every process
     batch = distributed.shard_batch(local_batch, mesh)   # [B_local, ...] -> global [B, ...]
     params = jax.device_put(params, distributed.replicated(mesh))
 
-Batches are split over ``"data"`` along their leading (utterance) axis; statistics stay
-replicated, so a jitted update that reduces a sharded batch into replicated statistics makes XLA
-insert the cross-device (and cross-host) reduction. No ``pmap``.
+Batches are split over ``"data"`` along their leading (utterance) axis and copied along
+``"stats"``. Statistics stay replicated, so a jitted update that reduces a sharded batch into
+replicated statistics makes XLA insert the cross-device (and cross-host) reduction; or, with
+``stat_shards`` S > 1, the joint co-moment is split by rows over the S devices of ``"stats"``
+(`sslsim_jax.sharded`). No ``pmap``.
 
 A mesh over several processes uses the same number of local devices in every process (the
 first ``devices`` of each), so a global batch is the concatenation of the processes' local
@@ -29,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "DATA",
+    "STATS",
     "allgather_json",
     "batch_multiple",
     "data_sharding",
@@ -36,10 +39,12 @@ __all__ = [
     "initialize",
     "make_mesh",
     "replicated",
+    "row_sharding",
     "shard_batch",
 ]
 
 DATA = "data"
+STATS = "stats"
 AUTO = "auto"
 
 
@@ -100,20 +105,24 @@ def initialize(
     return True
 
 
-def make_mesh(devices: int | None = None, *, local: bool = False) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over the first ``devices`` local devices of each process.
+def make_mesh(devices: int | None = None, *, local: bool = False, stat_shards: int = 1) -> Mesh:
+    """A mesh ``("data", "stats")`` over the first ``devices`` local devices of each process.
 
     Args:
         devices: local devices per process (None: all of them).
         local: this process's devices only (the analysis runs each process on its own part of
             the audio and merges statistics across processes at the end).
+        stat_shards: size of the ``"stats"`` axis, the devices one copy of the joint statistics
+            is split over (consecutive devices); must divide ``devices``.
 
     Returns:
-        A `Mesh` of ``devices * jax.process_count()`` devices, ordered by process, with an
-        ``Auto`` axis type (shardings are propagated by the compiler, not checked by types).
+        A `Mesh` of ``devices * jax.process_count()`` devices, ordered by process, shaped
+        [devices / stat_shards, stat_shards], with ``Auto`` axis types (shardings are propagated
+        by the compiler, not checked by types).
 
     Raises:
-        ValueError: ``devices`` is not in ``[1, jax.local_device_count()]``; names ``--devices``.
+        ValueError: ``devices`` is not in ``[1, jax.local_device_count()]`` or not a multiple of
+            ``stat_shards``; names ``--devices`` / ``--stat-shards``.
     """
     available = jax.local_device_count()
     if devices is None:
@@ -123,15 +132,22 @@ def make_mesh(devices: int | None = None, *, local: bool = False) -> Mesh:
             f"--devices: expected 1 <= N <= {available} (local {jax.default_backend()} devices), "
             f"got {devices}"
         )
+    if stat_shards < 1 or devices % stat_shards:
+        raise ValueError(
+            f"--stat-shards: expected a divisor of the {devices} devices (--devices), "
+            f"got {stat_shards}"
+        )
     chosen = []
     for p in [jax.process_index()] if local else range(jax.process_count()):
         mine = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
         chosen.extend(mine[:devices])
-    return jax.make_mesh((len(chosen),), (DATA,), axis_types=(AxisType.Auto,), devices=chosen)
+    shape = (len(chosen) // stat_shards, stat_shards)
+    return jax.make_mesh(shape, (DATA, STATS), axis_types=(AxisType.Auto,) * 2, devices=chosen)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (utterance or frame) axis split over ``"data"``, the rest whole."""
+    """Leading (utterance or frame) axis split over ``"data"``, the rest whole (and copied
+    along ``"stats"``)."""
     return NamedSharding(mesh, PartitionSpec(DATA))
 
 
@@ -140,9 +156,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def row_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Axis ``leading`` split over ``"stats"`` (rows of sharded statistics), copied along
+    ``"data"``."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading), STATS))
+
+
 def batch_multiple(mesh: Mesh) -> int:
-    """Local batches must hold a multiple of this many utterances (local devices in the mesh)."""
-    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    """Local batches must hold a multiple of this many utterances: this process's devices
+    along ``"data"``."""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return local // mesh.shape[STATS]
 
 
 def shard_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -165,19 +189,22 @@ def shard_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def fetch_replicated(tree: Any) -> Any:
-    """Host (numpy) copies of the replicated arrays in ``tree``, from this process's devices.
+    """Host (numpy) copies of the arrays in ``tree``, from this process's devices.
 
-    Works for arrays that span several processes, where ``np.asarray`` would not. Further work
-    on the copies (the metrics) then runs once, on the default device, rather than replicated
-    on every device of the mesh.
+    Replicated arrays are read from one device, which works for arrays that span several
+    processes, where ``np.asarray`` would not; arrays split over this process's devices (sharded
+    statistics on a local mesh) are assembled. Further work on the copies (the metrics) then
+    runs once, on the default device, rather than replicated on every device of the mesh.
     """
 
     def fetch(x):
         if not isinstance(x, jax.Array):
             return x
-        if not x.is_fully_replicated:
-            raise ValueError(f"expected a replicated array, got sharding {x.sharding}")
-        return np.asarray(x.addressable_data(0))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        raise ValueError(f"expected a replicated or process-local array, got {x.sharding}")
 
     return jax.tree.map(fetch, tree)
 

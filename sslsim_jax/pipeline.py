@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sslsim_jax import audio, distributed, stats
+from sslsim_jax import audio, distributed, sharded, stats
 from sslsim_jax.intermediates import SpeechModel, load_model
 from sslsim_jax.metrics import attention as attn
 from sslsim_jax.pairwise import METRICS, compare_moments
@@ -93,6 +93,9 @@ class Settings:
             activations in the 3rd-4th significant digit (README "Precision").
         dtype: the models' compute dtype, "float32" or "bfloat16" (norms and softmax stay
             float32; statistics are always accumulated in float32).
+        stat_shards: split the joint statistics by rows over this many devices
+            (`sslsim_jax.sharded`; a divisor of ``devices``), for more networks than one
+            device's memory holds; 1 keeps a full copy on every device.
     """
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -108,6 +111,7 @@ class Settings:
     devices: int | None = None
     precision: str = "highest"
     dtype: str = "float32"
+    stat_shards: int = 1
 
     def __post_init__(self):
         unknown = [m for m in self.metrics if m not in LAYER_METRICS]
@@ -131,6 +135,8 @@ class Settings:
             raise AnalysisError(f"--devices: expected >= 1, got {self.devices}")
         if self.bootstrap < 0:
             raise AnalysisError(f"--bootstrap: expected >= 0, got {self.bootstrap}")
+        if self.stat_shards < 1:
+            raise AnalysisError(f"--stat-shards: expected >= 1, got {self.stat_shards}")
         if self.precision not in PRECISIONS:
             raise AnalysisError(
                 f"--precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}"
@@ -284,11 +290,19 @@ class State:
     frames: int
 
 
-def _init_state(sizes, settings, entries) -> State:
+def _init_state(sizes, settings, entries, mesh=None) -> State:
+    """Empty statistics; with ``settings.stat_shards`` > 1 in the padded layout of
+    `sslsim_jax.sharded`, allocated split over ``mesh``."""
     replicates = None
-    if settings.bootstrap:
-        one = stats.init(sizes)
-        replicates = jax.tree.map(lambda a: jnp.stack([a] * settings.bootstrap), one)
+    if settings.stat_shards > 1:
+        layout = sharded.Layout(sizes, settings.stat_shards)
+        moments = sharded.init(layout, mesh)
+        if settings.bootstrap:
+            replicates = sharded.init(layout, mesh, settings.bootstrap)
+    else:
+        moments = stats.init(sizes)
+        if settings.bootstrap:
+            replicates = jax.tree.map(lambda a: jnp.stack([a] * settings.bootstrap), moments)
     heads = {}
     if settings.attention:
         for i, a in enumerate(entries):
@@ -297,7 +311,7 @@ def _init_state(sizes, settings, entries) -> State:
                 hb = b.model.config.num_hidden_layers * b.model.config.num_attention_heads
                 for method in settings.attention_methods:
                     heads[a.name, b.name, method] = attn.init_state(ha, hb)
-    return State(done=0, moments=stats.init(sizes), replicates=replicates, heads=heads, frames=0)
+    return State(done=0, moments=moments, replicates=replicates, heads=heads, frames=0)
 
 
 _MOMENT_FIELDS = ("count", "mean", "comoment", "row_cross", "row_gram")
@@ -320,12 +334,20 @@ def _flatten_state(state: State) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _place(array: np.ndarray, like: Any) -> jax.Array:
+    """``array`` on the devices of ``like`` when that is split over several (sharded
+    statistics: straight to their devices, never whole on one); else a default-device array."""
+    if isinstance(like, jax.Array) and len(like.sharding.device_set) > 1:
+        return jax.device_put(array, like.sharding)
+    return jnp.asarray(array)
+
+
 def _restore_state(arrays: dict[str, np.ndarray], template: State) -> State:
     def moments(prefix, like):
         if like is None:
             return None
         return dataclasses.replace(
-            like, **{f: jnp.asarray(arrays[f"{prefix}.{f}"]) for f in _MOMENT_FIELDS}
+            like, **{f: _place(arrays[f"{prefix}.{f}"], getattr(like, f)) for f in _MOMENT_FIELDS}
         )
 
     heads = {
@@ -428,16 +450,23 @@ def extract(
     from tqdm.auto import tqdm
 
     ids = range(len(utterances)) if ids is None else ids
-    mesh = distributed.make_mesh(settings.devices, local=True)
+    mesh = distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
     multiple = distributed.batch_multiple(mesh)
-    update, update_replicates = _updaters(mesh)
+    sizes = tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
+    if settings.stat_shards > 1:
+        layout = sharded.Layout(sizes, settings.stat_shards)
+        join = layout.pad
+        update = functools.partial(sharded.update, mesh=mesh)
+        update_replicates = functools.partial(sharded.update_replicates, mesh=mesh)
+    else:
+        join = functools.partial(jnp.concatenate, axis=1)
+        update, update_replicates = _updaters(mesh)
     for entry in entries:
         # Placed once per run: a forward pass then finds its params on every device.
         entry.model.params = jax.device_put(entry.model.params, distributed.replicated(mesh))
     field = max(e.model.config.receptive_field for e in entries)
 
-    sizes = tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
-    state = _init_state(sizes, settings, entries)
+    state = _init_state(sizes, settings, entries, mesh)
     if state_path and os.path.isfile(state_path):
         with np.load(state_path) as arrays:
             state = _restore_state(dict(arrays), state)
@@ -484,7 +513,7 @@ def extract(
                 )
                 # Dummies get 0 frames: they add nothing to any sum, only to ``skipped``.
                 frame_lengths = jnp.where(jnp.asarray(real), out.frame_lengths, 0)
-        z = jnp.concatenate(columns, axis=1)  # [B*T, ΣD]
+        z = join(columns)  # [B*T, ΣD] (padded layout when sharded)
         state.moments = update(state.moments, z, jnp.asarray(mask))
         if state.replicates is not None:
             w = np.stack(
@@ -528,6 +557,11 @@ def merge_processes(state: State) -> State:
 
     arrays = _flatten_state(state)
     gathered = {k: np.asarray(multihost_utils.process_allgather(v)) for k, v in arrays.items()}
+    with jax.default_device(jax.devices("cpu")[0]):  # host memory: sharded runs need not fit
+        return _merge_parts(gathered, state)
+
+
+def _merge_parts(gathered: dict[str, np.ndarray], state: State) -> State:
     parts = [
         _restore_state({k: v[p] for k, v in gathered.items()}, state)
         for p in range(jax.process_count())
@@ -573,10 +607,34 @@ def _pair_rows(names_a, names_b, values: np.ndarray, metric: str) -> pd.DataFram
     )
 
 
+def pairwise_fn(entries: Sequence[ModelEntry], settings: Settings) -> Callable[..., dict]:
+    """``(moments, names, metrics=..., neurons=...) -> {metric: [K, K]}`` for the statistics
+    `extract` returns: `compare_moments`, or `sharded.pairwise` when they are split over
+    devices (``settings.stat_shards`` > 1)."""
+    if settings.stat_shards == 1:
+
+        def full(m, names, *, metrics, neurons=False):
+            from sslsim_jax.metrics import _core
+
+            out = compare_moments(m, names, metrics=metrics)
+            if neurons:
+                b = _core.blocks(m)
+                best, matched = _core.neuron_best(b, _core.inv_sd(b))  # [K, P, K]
+                out |= {"best": best, "matched": matched, "valid": b.valid}
+            return {k: np.asarray(v) for k, v in out.items()}
+
+        return full
+    sizes = tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
+    layout = sharded.Layout(sizes, settings.stat_shards)
+    mesh = distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
+    return lambda m, names, **kwargs: sharded.pairwise(m, layout, mesh, names, **kwargs)
+
+
 def similarity_table(
     state: State, entries: Sequence[ModelEntry], settings: Settings, *, progress: bool = True
 ) -> pd.DataFrame:
     """The tidy table of every layer metric for every ordered pair of networks (with CIs)."""
+    pairwise = pairwise_fn(entries, settings)
     from tqdm.auto import tqdm
 
     names = [f"{e.name}:{label}" for e in entries for label in e.layers]
@@ -588,14 +646,14 @@ def similarity_table(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        values = compare_moments(state.moments, names, metrics=settings.metrics)
+        values = pairwise(state.moments, names, metrics=settings.metrics)
     bar.update()
     replicates = {metric: [] for metric in settings.metrics}
     for r in range(settings.bootstrap):
         m_r = jax.tree.map(lambda a, r=r: a[r], state.replicates)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported once above, on the full data
-            values_r = compare_moments(m_r, names, metrics=settings.metrics)
+            values_r = pairwise(m_r, names, metrics=settings.metrics)
         for metric in settings.metrics:
             replicates[metric].append(values_r[metric].ravel())
         bar.update()
@@ -650,19 +708,21 @@ def attention_tables(
     return layer_rows, heads
 
 
-def neuron_tables(state: State, entries: Sequence[ModelEntry]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def neuron_tables(
+    state: State, entries: Sequence[ModelEntry], settings: Settings | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Matched neurons of every network pair, and Wu et al.'s MaxCorr/MinCorr neuron rankings.
 
     The rankings of a network's neurons use the networks of the *other* models: MaxCorr ranks a
     neuron by its highest best-|r| over them, MinCorr by its lowest.
     """
-    from sslsim_jax.metrics import _core
-
     names = [f"{e.name}:{label}" for e in entries for label in e.layers]
-    sizes = state.moments.sizes
-    b = _core.blocks(state.moments)
-    best, matched = (np.asarray(v) for v in _core.neuron_best(b, _core.inv_sd(b)))  # [K, P, K]
-    valid = np.asarray(b.valid)
+    sizes = [e.model.config.hidden_size for e in entries for _ in e.layers]
+    pairwise = pairwise_fn(entries, settings or Settings())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported with the similarity table
+        out = pairwise(state.moments, names, metrics=("linear_cka",), neurons=True)
+    best, matched, valid = out["best"], out["matched"], out["valid"]  # [K, P, K], [K, P]
     pair_rows, rank_rows = [], []
     models = np.array([n.rsplit(":", 1)[0] for n in names])
     for i, name in enumerate(names):
@@ -796,7 +856,7 @@ def _analyze(models, audio_source, out, settings: Settings, *, progress: bool, r
     if process != 0:
         return table
     atomic_write(os.path.join(out, "similarities.csv"), lambda f: table.to_csv(f, index=False))
-    pairs, ranks = neuron_tables(state, entries)
+    pairs, ranks = neuron_tables(state, entries, settings)
     atomic_write(os.path.join(out, "neurons.csv"), lambda f: pairs.to_csv(f, index=False))
     atomic_write(os.path.join(out, "neuron_rankings.csv"), lambda f: ranks.to_csv(f, index=False))
     if heads is not None:

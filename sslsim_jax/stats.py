@@ -170,13 +170,7 @@ def moments(
     dtype = _accum_dtype(z.dtype)
     z = z.astype(dtype)
     w = _weights(where, z.shape[0], dtype)
-    n = jnp.sum(w)
-    safe_n = jnp.where(n > 0, n, 1)
-    # Two passes: the second corrects the rounding of the first when |mean| >> spread.
-    mean0 = jnp.einsum("n,nd->d", w, z, precision=matmul_precision()) / safe_n
-    mean = mean0 + jnp.einsum("n,nd->d", w, z - mean0, precision=matmul_precision()) / safe_n
-    zc = z - mean
-    zw = zc * w[:, None]
+    n, mean, zc, zw = centre(z, w)
     offsets = np.cumsum((0,) + sizes)
     d = z.shape[1]
     comoment = jnp.zeros((d, d), dtype)
@@ -186,9 +180,7 @@ def moments(
         row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=matmul_precision())
         comoment = comoment.at[lo:hi, lo:].set(row)
         comoment = comoment.at[hi:, lo:hi].set(row[:, hi - lo :].T)
-    seg = jnp.asarray(segment_ids(sizes))
-    onehot = jax.nn.one_hot(seg, len(sizes), dtype=dtype)  # [D, K]
-    r = jnp.einsum("nd,dk->nk", zc * zc, onehot, precision=matmul_precision())  # [N, K]
+    r = row_norms(zc, sizes)  # [N, K]
     row_cross = jnp.einsum("nd,nk->dk", zw, r, precision=matmul_precision())
     row_gram = jnp.einsum("n,nk,nl->kl", w, r, r, precision=matmul_precision())
     return Moments(
@@ -199,6 +191,33 @@ def moments(
         row_gram=row_gram,
         sizes=sizes,
     )
+
+
+def _identity(x):
+    return x
+
+
+def centre(
+    z: jax.Array, w: jax.Array, reduce=_identity
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(count, mean, z − mean, (z − mean)·w) of weighted frames z: [N, D], w: [N].
+
+    Two passes: the second corrects the rounding of the first when |mean| >> spread.
+    ``reduce`` sums over the frames of other devices (``lax.psum`` over a mesh axis).
+    """
+    prec = matmul_precision()
+    n = reduce(jnp.sum(w))
+    safe_n = jnp.where(n > 0, n, 1)
+    mean0 = reduce(jnp.einsum("n,nd->d", w, z, precision=prec)) / safe_n
+    mean = mean0 + reduce(jnp.einsum("n,nd->d", w, z - mean0, precision=prec)) / safe_n
+    zc = z - mean
+    return n, mean, zc, zc * w[:, None]
+
+
+def row_norms(zc: jax.Array, sizes: Sequence[int]) -> jax.Array:
+    """[N, K] r_ik = ‖z_i,k − μ_k‖², each frame's centred squared norm in each network."""
+    onehot = jax.nn.one_hot(jnp.asarray(segment_ids(sizes)), len(sizes), dtype=zc.dtype)
+    return jnp.einsum("nd,dk->nk", zc * zc, onehot, precision=matmul_precision())
 
 
 def joint_moments(networks: Sequence[jax.Array], *, where: jax.Array | None = None) -> Moments:
@@ -223,31 +242,47 @@ def joint_moments(networks: Sequence[jax.Array], *, where: jax.Array | None = No
     return moments(z, where=where, sizes=[x.shape[1] for x in arrays])
 
 
-def _shift(m: Moments, delta: jax.Array) -> Moments:
-    """Re-centre the accumulators of m on mean + delta (exact identities, no new data)."""
-    k = len(m.sizes)
+def _shift(m: Moments, delta: jax.Array, start=0, reduce=_identity) -> Moments:
+    """Re-centre the accumulators of m on mean + delta (exact identities, no new data).
+
+    ``m.comoment`` [R, D] and ``m.row_cross`` [R, K] may be the rows ``start:start + R`` only
+    (sharded statistics); ``reduce`` then sums the row sums over the other row blocks.
+    """
+    prec = matmul_precision()
+    k, (rows, d) = len(m.sizes), m.comoment.shape
     onehot = jax.nn.one_hot(jnp.asarray(segment_ids(m.sizes)), k, dtype=delta.dtype)  # [D, K]
+    if rows == d:
+        diag, onehot_r, delta_r = jnp.diagonal(m.comoment), onehot, delta
+    else:
+        idx = jnp.arange(rows)
+        diag = m.comoment[idx, start + idx]
+        onehot_r = jax.lax.dynamic_slice_in_dim(onehot, start, rows)
+        delta_r = jax.lax.dynamic_slice_in_dim(delta, start, rows)
     big_delta = delta[:, None] * onehot  # [D, K]: delta_k in network k's rows of column k
-    q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=matmul_precision())  # [K] ‖δ_k‖²
-    s = jnp.matmul(jnp.diagonal(m.comoment), onehot, precision=matmul_precision())  # [K] Σ w r_k
-    c_delta = jnp.matmul(m.comoment, big_delta, precision=matmul_precision())  # [D, K]
-    dp = jnp.matmul(big_delta.T, m.row_cross, precision=matmul_precision())  # [K, K]
+    big_delta_r = delta_r[:, None] * onehot_r  # [R, K]
+    q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=prec)  # [K] ‖δ_k‖²
+    s = reduce(jnp.matmul(diag, onehot_r, precision=prec))  # [K] Σ w r_k
+    c_delta = jnp.matmul(m.comoment, big_delta, precision=prec)  # [R, K]
+    dp = reduce(jnp.matmul(big_delta_r.T, m.row_cross, precision=prec))  # [K, K]
     n = m.count
     row_gram = (
         m.row_gram
         - 2 * (dp + dp.T)
-        + 4 * jnp.matmul(big_delta.T, c_delta, precision=matmul_precision())
+        + 4 * reduce(jnp.matmul(big_delta_r.T, c_delta, precision=prec))
         + jnp.outer(s, q)
         + jnp.outer(q, s)
         + n * jnp.outer(q, q)
     )
-    row_cross = m.row_cross - 2 * c_delta - jnp.outer(delta, s) - n * jnp.outer(delta, q)
-    comoment = m.comoment + n * jnp.outer(delta, delta)
+    row_cross = m.row_cross - 2 * c_delta - jnp.outer(delta_r, s) - n * jnp.outer(delta_r, q)
+    comoment = m.comoment + n * jnp.outer(delta_r, delta)
     return m.replace(mean=m.mean + delta, comoment=comoment, row_cross=row_cross, row_gram=row_gram)
 
 
-def merge(a: Moments, b: Moments) -> Moments:
-    """Statistics of the union of the frames of a and b (Chan et al. pairwise update)."""
+def merge(a: Moments, b: Moments, *, start=0, reduce=_identity) -> Moments:
+    """Statistics of the union of the frames of a and b (Chan et al. pairwise update).
+
+    ``start``, ``reduce``: for row blocks of sharded statistics (see `_shift`).
+    """
     if a.sizes != b.sizes:
         raise ValueError(f"expected equal network sizes, got {a.sizes} and {b.sizes}")
     n = a.count + b.count
@@ -255,8 +290,8 @@ def merge(a: Moments, b: Moments) -> Moments:
     # Shift both sides onto the *stored* merged mean: each delta is then an exact difference of
     # two nearby floats, so the accumulators stay consistent with the centre they claim.
     mean = a.mean + (b.count / safe_n) * (b.mean - a.mean)
-    sa = _shift(a, mean - a.mean)
-    sb = _shift(b, mean - b.mean)
+    sa = _shift(a, mean - a.mean, start, reduce)
+    sb = _shift(b, mean - b.mean, start, reduce)
     return Moments(
         count=n,
         mean=mean,

@@ -81,7 +81,8 @@ def one_device(tmp_path_factory):
 
 def test_mesh_and_shardings():
     mesh = distributed.make_mesh()
-    assert mesh.axis_names == (distributed.DATA,) and mesh.size == jax.device_count()
+    assert mesh.axis_names == (distributed.DATA, distributed.STATS)
+    assert mesh.size == jax.device_count() and mesh.shape[distributed.STATS] == 1
     assert distributed.batch_multiple(mesh) == 1
     x = distributed.shard_batch(np.arange(6.0).reshape(3, 2), mesh)
     assert x.sharding == distributed.data_sharding(mesh)
@@ -105,7 +106,8 @@ def test_initialize_checks_its_flags():
 
 
 def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path):
-    """Same analysis on 8 devices: 5 utterances, batches of 2 and 3 padded to 8."""
+    """Same analysis on 8 devices: 5 utterances, batches of 2 and 3 padded to 8; and on 8
+    devices with the statistics split over 4 of them (2 along "data")."""
     code = f"""
         import jax
         from sslsim_jax import demo, distributed
@@ -122,10 +124,14 @@ def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path):
         settings = Settings(**{SETTINGS!r}, devices=8)
         analyze(models, demo_audio_paths(), {str(tmp_path / "d8")!r}, settings, progress=False,
                 report=False)
+        settings = Settings(**{SETTINGS!r}, devices=8, stat_shards=4)
+        analyze(models, demo_audio_paths(), {str(tmp_path / "s4")!r}, settings, progress=False,
+                report=False)
         """
     run = run_python(code, devices=8)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_outputs(tmp_path / "d8", one_device)
+    assert_same_outputs(tmp_path / "s4", one_device)
 
 
 def assert_same_outputs(out, expected_out):

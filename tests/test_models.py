@@ -26,7 +26,6 @@ def exact_float32():
         yield
 
 
-
 def assert_hidden_close(actual, expected, what="hidden states"):
     expected = np.asarray(expected)
     atol = 1e-4 + 1e-4 * np.abs(expected).max()

@@ -5,6 +5,12 @@ Everything here works on the joint statistics of K networks laid out as padded b
 exactly like constant neurons: excluded from neuron means, zero in every cross product). The
 public pair functions call these with K = 2, `compare` with all networks at once, so a pair
 function and `compare` compute the same number by the same code.
+
+The co-moment may also be a *row block* [Ka, P, K, P]: the rows of the networks ``Blocks.rows``
+only, as one device holds them when the joint statistics are sharded over devices
+(`sslsim_jax.sharded`). Every ``*_rows`` kernel then gives the [Ka, K] rows of its metric
+matrix from the local block plus small per-network arrays (``diag``, `Spectra`, ``own_sq``) that
+hold all K networks.
 """
 
 from __future__ import annotations
@@ -34,15 +40,18 @@ class RankDeficiencyWarning(UserWarning):
 
 
 class Blocks(NamedTuple):
-    """Joint statistics of K networks as padded blocks.
+    """Joint statistics of K networks as padded blocks (or the row block of Ka of them).
 
     Attributes:
         count: [] weighted frame count.
-        comoment: [K, P, K, P] centred co-moment blocks.
+        comoment: [Ka, P, K, P] centred co-moment blocks of the networks ``rows`` (Ka = K and
+            ``rows = 0..K-1`` unless sharded).
         valid: [K, P] bool, neuron is real (not padding) and not constant.
         real: [K, P] bool, neuron is real (not padding).
-        row_cross: [K, P, K] centred Zᵀ R (debiased CKA).
+        row_cross: [Ka, P, K] centred Zᵀ R (debiased CKA).
         row_gram: [K, K] centred Rᵀ R (debiased CKA).
+        diag: [K, P] co-moment diagonal (the neurons' centred sums of squares).
+        rows: [Ka] int, the network of each row block.
     """
 
     count: jax.Array
@@ -51,6 +60,8 @@ class Blocks(NamedTuple):
     real: jax.Array
     row_cross: jax.Array
     row_gram: jax.Array
+    diag: jax.Array
+    rows: jax.Array
 
 
 class Spectra(NamedTuple):
@@ -114,17 +125,33 @@ def blocks(m: stats.Moments) -> Blocks:
         real = np.zeros((k * p,), bool)
         real[pos] = True
         real = real.reshape(k, p)
-    eps = jnp.finfo(dtype).eps
-    scale = m.count * mean**2 + jnp.max(diag, axis=1, keepdims=True)
-    valid = jnp.asarray(real) & (diag > (_CONSTANT_ULPS * eps) ** 2 * scale) & (diag > 0)
     return Blocks(
         count=m.count,
         comoment=comoment,
-        valid=valid,
+        valid=valid_neurons(m.count, mean, diag, real),
         real=jnp.asarray(real),
         row_cross=row_cross,
         row_gram=m.row_gram,
+        diag=diag,
+        rows=jnp.arange(k),
     )
+
+
+def valid_neurons(count: jax.Array, mean: jax.Array, diag: jax.Array, real) -> jax.Array:
+    """[K, P] real neurons whose spread is above float rounding of their scale (not constant)."""
+    eps = jnp.finfo(diag.dtype).eps
+    scale = count * mean**2 + jnp.max(diag, axis=1, keepdims=True)
+    return jnp.asarray(real) & (diag > (_CONSTANT_ULPS * eps) ** 2 * scale) & (diag > 0)
+
+
+def own_blocks(b: Blocks) -> jax.Array:
+    """[Ka, P, P] each row network's own (diagonal) co-moment block."""
+    return b.comoment[jnp.arange(b.comoment.shape[0]), :, b.rows, :]
+
+
+def own_sq(b: Blocks) -> jax.Array:
+    """[Ka] ‖C_aa‖²_F of each row network (linear and debiased CKA's normalisers)."""
+    return jnp.sum(own_blocks(b) ** 2, axis=(1, 2))
 
 
 def default_rtol(width: int, dtype) -> float:
@@ -134,26 +161,25 @@ def default_rtol(width: int, dtype) -> float:
 
 def inv_sd(b: Blocks) -> jax.Array:
     """[K, P] 1 / sqrt(co-moment diagonal) of valid neurons, 0 for constant or padding."""
-    k = b.valid.shape[0]
-    idx = jnp.arange(k)
-    diag = jnp.diagonal(b.comoment[idx, :, idx, :], axis1=1, axis2=2)  # [K, P]
-    return jnp.where(b.valid, jax.lax.rsqrt(jnp.where(b.valid, diag, 1)), 0)
+    return jnp.where(b.valid, jax.lax.rsqrt(jnp.where(b.valid, b.diag, 1)), 0)
 
 
 def spectra(
     b: Blocks, *, rtol: float | None = None, variance: float = 0.99, variance_rule: str = "below"
 ) -> Spectra:
-    """Eigendecompose each network's correlation co-moment once (``eigh``, vmapped over K)."""
+    """Eigendecompose each row network's correlation co-moment once (``eigh``, vmapped).
+
+    Returns `Spectra` of the Ka row networks (all K unless ``b`` is a row block).
+    """
     if variance_rule not in VARIANCE_RULES:
         raise ValueError(f"expected variance_rule in {VARIANCE_RULES}, got {variance_rule!r}")
     if not 0.0 < variance <= 1.0:
         raise ValueError(f"expected variance in (0, 1], got {variance}")
-    k, p = b.valid.shape
+    p = b.valid.shape[1]
     if rtol is None:
         rtol = default_rtol(p, b.comoment.dtype)
-    idx = jnp.arange(k)
-    own = b.comoment[idx, :, idx, :]  # [K, P, P] diagonal blocks
-    isd = inv_sd(b)
+    own = own_blocks(b)  # [Ka, P, P]
+    isd = inv_sd(b)[b.rows]
     corr = own * isd[:, :, None] * isd[:, None, :]
     lam, vec = jnp.linalg.eigh(corr)
     lam, vec = lam[:, ::-1], vec[:, :, ::-1]  # descending
@@ -179,61 +205,103 @@ def _masked_mean(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
 
 
 def neuron_best(b: Blocks, isd: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """best[a, i, b] = max_j |r(a_i, b_j)| and its argmax j (-1 if none): [K, P, K] each."""
-    corr = b.comoment * isd[:, :, None, None] * isd[None, None, :, :]
+    """best[a, i, b] = max_j |r(a_i, b_j)| and its argmax j (-1 if none): [Ka, P, K] each."""
+    corr = b.comoment * isd[b.rows][:, :, None, None] * isd[None, None, :, :]
     corr = jnp.abs(corr)
     best = jnp.max(corr, axis=3)
     matched = jnp.argmax(corr, axis=3).astype(jnp.int32)
-    has = b.valid[:, :, None] & jnp.any(b.valid, axis=1)[None, None, :]
+    has = b.valid[b.rows][:, :, None] & jnp.any(b.valid, axis=1)[None, None, :]
     return jnp.where(has, best, 0), jnp.where(has, matched, -1)
 
 
 def maxcorr_all(b: Blocks, isd: jax.Array) -> jax.Array:
-    """[K, K] mean over valid neurons of a of their best |r| in b."""
+    """[Ka, K] mean over valid neurons of a of their best |r| in b."""
     best, _ = neuron_best(b, isd)
-    return _masked_mean(best, b.valid[:, :, None], axis=1)
+    return _masked_mean(best, b.valid[b.rows][:, :, None], axis=1)
 
 
-def linear_cka_all(b: Blocks) -> jax.Array:
-    """[K, K] ‖C_ab‖²_F / (‖C_aa‖_F ‖C_bb‖_F), 0 where a network has no variance."""
-    sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [K, K]
-    d = jnp.diagonal(sq)
-    den = jnp.sqrt(d[:, None] * d[None, :])
+def linear_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
+    """[Ka, K] ‖C_ab‖²_F / (‖C_aa‖_F ‖C_bb‖_F), 0 where a network has no variance.
+
+    ``norms``: [K] `own_sq` of every network (default: from ``b``, which must hold all rows).
+    """
+    sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [Ka, K]
+    d = own_sq(b) if norms is None else norms
+    den = jnp.sqrt(d[b.rows][:, None] * d[None, :])
     return jnp.where(den > 0, sq / jnp.where(den > 0, den, 1), 0)
 
 
-def debiased_cka_all(b: Blocks) -> jax.Array:
-    """[K, K] CKA with the unbiased HSIC estimator, from centred accumulators (see docs)."""
+def debiased_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
+    """[Ka, K] CKA with the unbiased HSIC estimator, from centred accumulators (see docs).
+
+    ``norms``: as in `linear_cka_all`.
+    """
     n = b.count
-    sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [K, K] tr(K L) for centred linear kernels
-    k = b.valid.shape[0]
-    idx = jnp.arange(k)
-    tr = jnp.sum(jnp.diagonal(b.comoment[idx, :, idx, :], axis1=1, axis2=2), axis=1)  # [K]
-    m = b.row_gram
     safe = jnp.where(n > 3, n, 4.0)
-    hsic = (sq - m + jnp.outer(tr, tr) / ((safe - 1) * (safe - 2)) - 2 * m / (safe - 2)) / (
-        safe * (safe - 3)
-    )
-    d = jnp.diagonal(hsic)
-    ok = (d[:, None] > 0) & (d[None, :] > 0)
-    den = jnp.sqrt(jnp.where(ok, d[:, None] * d[None, :], 1))
-    out = jnp.where(ok, hsic / den, 0)
+    tr = jnp.sum(b.diag, axis=1)  # [K]
+
+    def hsic(sq, m, tr_a, tr_b):  # tr(K L) = ‖C_ab‖²_F for centred linear kernels
+        return (sq - m + tr_a * tr_b / ((safe - 1) * (safe - 2)) - 2 * m / (safe - 2)) / (
+            safe * (safe - 3)
+        )
+
+    sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [Ka, K]
+    cross = hsic(sq, b.row_gram[b.rows], tr[b.rows][:, None], tr[None, :])
+    d = hsic(own_sq(b) if norms is None else norms, jnp.diagonal(b.row_gram), tr, tr)  # [K]
+    ok = (d[b.rows][:, None] > 0) & (d[None, :] > 0)
+    den = jnp.sqrt(jnp.where(ok, d[b.rows][:, None] * d[None, :], 1))
+    out = jnp.where(ok, cross / den, 0)
     return jnp.where(n > 3, out, jnp.nan)
 
 
 def linreg_all(b: Blocks, s: Spectra) -> jax.Array:
-    """[K, K] mean over valid neurons of a of √R² of predicting them from all of b."""
-    # [K, P, K, P] x [K, P, P] -> [K, P, K, P]: C_ab Q_b, rows scaled to standardised a.
+    """[Ka, K] mean over valid neurons of a of √R² of predicting them from all of b."""
+    # [Ka, P, K, P] x [K, P, P] -> [Ka, P, K, P]: C_ab Q_b, rows scaled to standardised a.
     proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=stats.matmul_precision())
-    proj = proj * s.inv_sd[:, :, None, None]
-    r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [K, P, K]
-    return _masked_mean(jnp.sqrt(r2), b.valid[:, :, None], axis=1)
+    proj = proj * s.inv_sd[b.rows][:, :, None, None]
+    r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [Ka, P, K]
+    return _masked_mean(jnp.sqrt(r2), b.valid[b.rows][:, :, None], axis=1)
 
 
 def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
     """Static indices of the unordered pairs a < b."""
     ia, ib = np.triu_indices(k, 1)
     return ia, ib
+
+
+def _cca_pairs(
+    b: Blocks, s: Spectra, ia: np.ndarray, ib: np.ndarray, *, width: int, pwcca: bool, both: bool
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """SVCCA and PWCCA of the pairs (row block ia, network ib), one SVD each: [n] arrays.
+
+    Returns (svcca, pwcca of a in terms of b, pwcca of b in terms of a when ``both``; ``both``
+    needs ``ib`` to index row blocks too, i.e. ``b`` holds every row).
+    """
+    keep = jnp.arange(width)[None, :] < s.kept[:, None]  # [K, W]
+    qk = s.whiten[:, :, :width] * keep[:, None, :]  # [K, P, W]
+    ga = b.rows[ia]  # the networks of the row blocks
+    cross = b.comoment[ia, :, ib, :]  # [n, P, P]
+    # [n, W, P] @ [n, P, P] @ [n, P, W]: whitened cross block of kept directions.
+    prec = stats.matmul_precision()
+    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ga], cross, qk[ib], precision=prec)
+    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
+    m = jnp.minimum(s.kept[ga], s.kept[ib])  # [n]
+    take = jnp.arange(width)[None, :] < m[:, None]  # [n, W]
+    rho = jnp.clip(rho, 0, 1)
+    sv = _masked_mean(rho, take, axis=1)
+    if not pwcca:
+        return sv, None, None
+    load = jnp.einsum("kpw,kpq->kwq", qk[b.rows], own_blocks(b), precision=prec)  # <U_w, x_q>
+
+    def weighted(vecs: jax.Array, side: np.ndarray) -> jax.Array:
+        # [n, W, W]^T x [n, W, P] -> [n, W(canonical), P]: <h_k, x_j>.
+        align = jnp.abs(jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=prec))
+        weight = jnp.where(take, jnp.sum(align, axis=2), 0)
+        total = jnp.sum(weight, axis=1)
+        return jnp.where(total > 0, jnp.sum(weight * rho, axis=1) / jnp.maximum(total, 1e-30), 0)
+
+    pw_ba = weighted(jnp.swapaxes(vt, 1, 2), ib) if both else None
+    return sv, weighted(u, ia), pw_ba
 
 
 def cca_all(
@@ -243,55 +311,58 @@ def cca_all(
 
     ``width`` (static) is how many leading eigen-directions enter the per-pair SVD; any value at
     least ``max(s.kept)`` gives the same result (`compare` uses exactly that, the pair
-    functions use P).
+    functions use P). One SVD per unordered pair gives both directions.
     """
-    k = b.valid.shape[0]
-    keep = jnp.arange(width)[None, :] < s.kept[:, None]  # [K, W]
-    qk = s.whiten[:, :, :width] * keep[:, None, :]  # [K, P, W]
-    ia, ib = pair_index(k)
-    cross = b.comoment[ia, :, ib, :]  # [pairs, P, P]
-    # [pairs, W, P] @ [pairs, P, P] @ [pairs, P, W]: whitened cross block of kept directions.
-    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ia], cross, qk[ib], precision=stats.matmul_precision())
-    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
-    m = jnp.minimum(s.kept[ia], s.kept[ib])  # [pairs]
-    take = jnp.arange(width)[None, :] < m[:, None]  # [pairs, W]
-    rho = jnp.clip(rho, 0, 1)
-    sv = _masked_mean(rho, take, axis=1)
-    eye = jnp.where(s.kept > 0, 1.0, 0.0).astype(rho.dtype)
-    svcca = jnp.diag(eye).at[ia, ib].set(sv).at[ib, ia].set(sv)
+    ia, ib = pair_index(b.valid.shape[0])
+    sv, pw_ab, pw_ba = _cca_pairs(b, s, ia, ib, width=width, pwcca=pwcca, both=True)
+    eye = jnp.diag(jnp.where(s.kept > 0, 1.0, 0.0).astype(sv.dtype))
+    svcca = eye.at[ia, ib].set(sv).at[ib, ia].set(sv)
     if not pwcca:
         return svcca, None
-    own = b.comoment[jnp.arange(k), :, jnp.arange(k), :]  # [K, P, P]
-    load = jnp.einsum(
-        "kpw,kpq->kwq", qk, own, precision=stats.matmul_precision()
-    )  # [K, W, P] <U_w, x_q>
+    return svcca, eye.at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba)
 
-    def weighted(vecs: jax.Array, side: np.ndarray) -> jax.Array:
-        # [pairs, W, W]^T x [pairs, W, P] -> [pairs, W(canonical), P]: <h_k, x_j>.
-        align = jnp.abs(
-            jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=stats.matmul_precision())
-        )
-        weight = jnp.where(take, jnp.sum(align, axis=2), 0)
-        total = jnp.sum(weight, axis=1)
-        return jnp.where(total > 0, jnp.sum(weight * rho, axis=1) / jnp.maximum(total, 1e-30), 0)
 
-    pw_ab = weighted(u, ia)
-    pw_ba = weighted(jnp.swapaxes(vt, 1, 2), ib)
-    pw = jnp.diag(eye).at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba)
-    return svcca, pw
+def _row_pairs(b: Blocks) -> tuple[np.ndarray, np.ndarray, jax.Array]:
+    """Every (row block, network) pair, and [Ka, K] which of them pair a network with itself."""
+    ka, k = b.comoment.shape[0], b.valid.shape[0]
+    ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
+    return ia, ib, b.rows[:, None] == jnp.arange(k)[None, :]
+
+
+def cca_rows(
+    b: Blocks, s: Spectra, *, width: int, pwcca: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """`cca_all` for a row block: [Ka, K] rows, one SVD per (row network, network) pair."""
+    ia, ib, self_pair = _row_pairs(b)
+    sv, pw_ab, _ = _cca_pairs(b, s, ia, ib, width=width, pwcca=pwcca, both=False)
+    one = jnp.where(s.kept[b.rows] > 0, 1.0, 0.0).astype(sv.dtype)[:, None]
+    shape = self_pair.shape
+    svcca = jnp.where(self_pair, one, sv.reshape(shape))
+    return svcca, None if pw_ab is None else jnp.where(self_pair, one, pw_ab.reshape(shape))
+
+
+def _procrustes(b: Blocks, ia: np.ndarray, ib: np.ndarray) -> jax.Array:
+    """[n] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb) of the pairs (row block ia, network ib)."""
+    tr = jnp.sum(b.diag, axis=1)  # [K]
+    nuc = jnp.sum(jnp.linalg.svd(b.comoment[ia, :, ib, :], compute_uv=False), axis=1)
+    den = jnp.sqrt(tr[b.rows[ia]] * tr[ib])
+    return jnp.where(den > 0, 2 - 2 * nuc / jnp.where(den > 0, den, 1), 2.0)
 
 
 def procrustes_all(b: Blocks) -> jax.Array:
     """[K, K] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb); 2 where a network has no variance."""
-    k = b.valid.shape[0]
-    idx = jnp.arange(k)
-    tr = jnp.sum(jnp.diagonal(b.comoment[idx, :, idx, :], axis1=1, axis2=2), axis=1)  # [K]
-    ia, ib = pair_index(k)
-    nuc = jnp.sum(jnp.linalg.svd(b.comoment[ia, :, ib, :], compute_uv=False), axis=1)
-    den = jnp.sqrt(tr[ia] * tr[ib])
-    dist = jnp.where(den > 0, 2 - 2 * nuc / jnp.where(den > 0, den, 1), 2.0)
-    self_dist = jnp.where(tr > 0, 0.0, 2.0).astype(dist.dtype)
+    ia, ib = pair_index(b.valid.shape[0])
+    dist = _procrustes(b, ia, ib)
+    self_dist = jnp.where(jnp.sum(b.diag, axis=1) > 0, 0.0, 2.0).astype(dist.dtype)
     return jnp.diag(self_dist).at[ia, ib].set(dist).at[ib, ia].set(dist)
+
+
+def procrustes_rows(b: Blocks) -> jax.Array:
+    """`procrustes_all` for a row block: [Ka, K] rows."""
+    ia, ib, self_pair = _row_pairs(b)
+    dist = _procrustes(b, ia, ib).reshape(self_pair.shape)
+    self_dist = jnp.where(jnp.sum(b.diag, axis=1)[b.rows] > 0, 0.0, 2.0).astype(dist.dtype)
+    return jnp.where(self_pair, self_dist[:, None], dist)
 
 
 def is_traced(*arrays) -> bool:

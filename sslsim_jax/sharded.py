@@ -1,0 +1,335 @@
+"""Joint statistics too large for one device: the co-moment split by network rows over devices.
+
+K networks of width up to P have a joint co-moment of (K·P)² floats: 4 large models with every
+layer (100 networks × 1024) need 42 GB in float32. Here it lives split over the S devices of the
+``"stats"`` axis of a mesh (`sslsim_jax.distributed.make_mesh(stat_shards=S)`): device s holds
+the rows of networks s·K/S … (s+1)·K/S − 1 against all columns, [K·P/S, K·P]. Networks are
+padded to the common width P and their count to a multiple of S with all-zero networks (zero
+columns are constant neurons: excluded everywhere, and cropped from every result).
+
+- `update` folds a batch of frames (split over ``"data"``) into the row blocks: each device
+  multiplies its own rows of the centred batch against all columns, the batch sums are reduced
+  over ``"data"``, and the Chan merge of `sslsim_jax.stats` runs on the rows with its few row
+  sums reduced over ``"stats"``. Replicates (the bootstrap) are a leading axis.
+- `pairwise` computes every metric of `sslsim_jax.pairwise` from the row blocks: per network
+  quantities (diagonal, eigendecompositions, block norms) are computed where the network's rows
+  live and gathered, [K, P, P] at most; then every device computes its rows of each [K, K]
+  metric matrix (one SVD per ordered pair it holds) and of the neuron matches.
+
+Memory per device, float32, D = K_pad·P (K_pad = K rounded up to a multiple of S), B bootstrap
+replicates, N_b frames per batch on one device:
+
+- statistics: 4·(1 + B)·D²/S bytes (the row blocks; the rest is O(D·K));
+- batch update: about 3 × 4·D²/S bytes of temporaries (the batch's rows, the merged rows) plus
+  the frames, 4·N_b·D;
+- metrics: about 3 × 4·D²/S (the row blocks, neuron correlations, linreg projections) plus the
+  gathered eigenvectors 4·K_pad·P² and the CCA pairs 4·(K_pad²/S)·W² (W ≤ P the kept width).
+
+With S = 8 the 42 GB example needs about 5.3 GB of statistics per device.
+
+The statistics equal the unsharded ones up to float32 rounding: the same centring and the same
+merge, with sums split differently (`tests/test_sharded.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sslsim_jax import stats
+from sslsim_jax.distributed import DATA, STATS
+from sslsim_jax.metrics import _core
+
+__all__ = ["Layout", "init", "pairwise", "update", "update_replicates"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the networks' columns sit in the padded, sharded statistics.
+
+    Attributes:
+        sizes: the K real network widths.
+        shards: S, the devices the rows are split over.
+    """
+
+    sizes: tuple[int, ...]
+    shards: int
+
+    @property
+    def width(self) -> int:
+        """P, the common (padded) network width."""
+        return max(self.sizes)
+
+    @property
+    def networks(self) -> int:
+        """K_pad: K rounded up to a multiple of S."""
+        return math.ceil(len(self.sizes) / self.shards) * self.shards
+
+    @property
+    def padded_sizes(self) -> tuple[int, ...]:
+        return (self.width,) * self.networks
+
+    @property
+    def real(self) -> np.ndarray:
+        """[K_pad, P] bool: the column is a real neuron (not padding)."""
+        real = np.zeros((self.networks, self.width), bool)
+        for k, size in enumerate(self.sizes):
+            real[k, :size] = True
+        return real
+
+    def pad(self, columns: Sequence[jax.Array]) -> jax.Array:
+        """[N, K_pad·P] from the K networks' [N, D_k] activations (zero padding columns)."""
+        if len(columns) != len(self.sizes):
+            raise ValueError(f"expected {len(self.sizes)} networks, got {len(columns)}")
+        n = columns[0].shape[0]
+        dtype = jnp.result_type(*columns)
+        parts = []
+        for x, size in zip(columns, self.sizes, strict=True):
+            if x.shape != (n, size):
+                raise ValueError(f"expected a network of shape {(n, size)}, got {x.shape}")
+            parts.append(jnp.pad(x.astype(dtype), ((0, 0), (0, self.width - size))))
+        missing = (self.networks - len(self.sizes)) * self.width
+        if missing:
+            parts.append(jnp.zeros((n, missing), dtype))
+        return jnp.concatenate(parts, axis=1)
+
+
+def _specs(m: stats.Moments, leading: int = 0) -> stats.Moments:
+    """PartitionSpecs of sharded `stats.Moments` (``leading`` replicate axes in front)."""
+    lead = (None,) * leading
+    return stats.Moments(
+        count=P(),
+        mean=P(),
+        comoment=P(*lead, STATS),
+        row_cross=P(*lead, STATS),
+        row_gram=P(),
+        sizes=m.sizes,
+    )
+
+
+def shardings(m: stats.Moments, mesh: Mesh, leading: int = 0) -> stats.Moments:
+    """The `NamedSharding` of each field of sharded statistics."""
+    specs = _specs(m, leading)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+
+
+def init(layout: Layout, mesh: Mesh, replicates: int | None = None) -> stats.Moments:
+    """Empty sharded statistics (or ``replicates`` of them), allocated on their devices."""
+    if mesh.shape[STATS] != layout.shards:
+        raise ValueError(
+            f"expected a mesh with {layout.shards} devices along {STATS!r}, got {mesh.shape}"
+        )
+    one = stats.init(layout.padded_sizes)
+    abstract = jax.eval_shape(lambda: one)
+    if replicates is not None:
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((replicates, *a.shape), a.dtype), abstract
+        )
+    out = shardings(one, mesh, 0 if replicates is None else 1)
+    return jax.jit(
+        lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract),
+        out_shardings=out,
+    )()
+
+
+def _psum_data(x):
+    return jax.lax.psum(x, DATA)
+
+
+def _psum_stats(x):
+    return jax.lax.psum(x, STATS)
+
+
+def _rows_start(m: stats.Moments):
+    rows = m.comoment.shape[0]
+    return jax.lax.axis_index(STATS) * rows, rows
+
+
+def _batch_rows(z: jax.Array, w: jax.Array, sizes, start, rows: int) -> stats.Moments:
+    """The batch's statistics, rows ``start:start + rows`` only; frames reduced over "data"."""
+    prec = stats.matmul_precision()
+    n, mean, zc, zw = stats.centre(z, w, _psum_data)
+    zw_rows = jax.lax.dynamic_slice_in_dim(zw, start, rows, axis=1)  # [N, R]
+    r = stats.row_norms(zc, sizes)  # [N, K]
+    return stats.Moments(
+        count=n,
+        mean=jnp.where(n > 0, mean, 0),
+        comoment=_psum_data(jnp.einsum("nr,nd->rd", zw_rows, zc, precision=prec)),
+        row_cross=_psum_data(jnp.einsum("nr,nk->rk", zw_rows, r, precision=prec)),
+        row_gram=_psum_data(jnp.einsum("n,nk,nl->kl", w, r, r, precision=prec)),
+        sizes=sizes,
+    )
+
+
+def _update_rows(m: stats.Moments, z: jax.Array, w: jax.Array) -> stats.Moments:
+    start, rows = _rows_start(m)
+    z = z.astype(m.comoment.dtype)
+    batch = _batch_rows(z, w.astype(z.dtype), m.sizes, start, rows)
+    return stats.merge(m, batch, start=start, reduce=_psum_stats)
+
+
+@functools.cache
+def _updater(mesh: Mesh, sizes: tuple[int, ...], replicated_weights: bool):
+    template = stats.init(sizes)
+    if replicated_weights:  # replicates: [R, ...] statistics, [R, N] weights
+        body = jax.vmap(_update_rows, in_axes=(0, None, 0))
+        m_spec, w_spec = _specs(template, 1), P(None, DATA)
+    else:
+        body = _update_rows
+        m_spec, w_spec = _specs(template), P(DATA)
+    mapped = jax.shard_map(
+        body, mesh=mesh, in_specs=(m_spec, P(DATA), w_spec), out_specs=m_spec, check_vma=False
+    )
+    return jax.jit(mapped, donate_argnums=0)
+
+
+def update(m: stats.Moments, z: jax.Array, where: jax.Array, mesh: Mesh) -> stats.Moments:
+    """Folds frames z: [N, K_pad·P] (split over ``"data"``) with weights [N] into sharded m.
+
+    ``m`` is donated: its buffers are reused for the result.
+    """
+    return _updater(mesh, m.sizes, False)(m, z, where)
+
+
+def update_replicates(
+    m: stats.Moments, z: jax.Array, weights: jax.Array, mesh: Mesh
+) -> stats.Moments:
+    """`update` of R replicates at once: m with a leading [R] axis, weights [R, N]."""
+    return _updater(mesh, m.sizes, True)(m, z, weights)
+
+
+def _local_blocks(m: stats.Moments, width: int, diag, valid, real) -> _core.Blocks:
+    """This device's row block as `_core.Blocks` [Ka, P, K, P] (inside ``shard_map``)."""
+    k = len(m.sizes)
+    ka = m.comoment.shape[0] // width
+    rows = jax.lax.axis_index(STATS) * ka + jnp.arange(ka)
+    return _core.Blocks(
+        count=m.count,
+        comoment=m.comoment.reshape(ka, width, k, width),
+        valid=valid,
+        real=real,
+        row_cross=m.row_cross.reshape(ka, width, k),
+        row_gram=m.row_gram,
+        diag=diag,
+        rows=rows,
+    )
+
+
+def _gather(x):
+    return jax.lax.all_gather(x, STATS, tiled=True)
+
+
+def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
+    k = len(m.sizes)
+    partial = _local_blocks(m, width, None, None, real)
+    own = _core.own_blocks(partial)
+    diag = _gather(jnp.diagonal(own, axis1=1, axis2=2))  # [K, P]
+    valid = _core.valid_neurons(m.count, m.mean.reshape(k, width), diag, real)
+    b = partial._replace(diag=diag, valid=valid)
+    norms = _gather(_core.own_sq(b))
+    s = None
+    if spectral:
+        s = _core.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
+        s = jax.tree.map(_gather, s)
+    return diag, valid, norms, s
+
+
+def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons):
+    b = _local_blocks(m, width, diag, valid, real)
+    isd = _core.inv_sd(b)
+    out = {}
+    if "maxcorr" in metrics:
+        out["maxcorr"] = _core.maxcorr_all(b, isd)
+    if "linreg" in metrics:
+        out["linreg"] = _core.linreg_all(b, s)
+    if "svcca" in metrics or "pwcca" in metrics:
+        sv, pw = _core.cca_rows(b, s, width=cca_width, pwcca="pwcca" in metrics)
+        out |= {"svcca": sv, "pwcca": pw}
+    if "linear_cka" in metrics:
+        out["linear_cka"] = _core.linear_cka_all(b, norms)
+    if "debiased_cka" in metrics:
+        out["debiased_cka"] = _core.debiased_cka_all(b, norms)
+    if "procrustes" in metrics:
+        out["procrustes"] = _core.procrustes_rows(b)
+    out = {name: value for name, value in out.items() if name in metrics}
+    if neurons:
+        out["best"], out["matched"] = _core.neuron_best(b, isd)  # [Ka, P, K]
+    return out
+
+
+def pairwise(
+    m: stats.Moments,
+    layout: Layout,
+    mesh: Mesh,
+    names: Sequence[str],
+    *,
+    metrics: Sequence[str],
+    neurons: bool = False,
+    variance: float = 0.99,
+    variance_rule: str = "below",
+    rtol: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Every metric for every ordered pair of the K real networks, from sharded statistics.
+
+    Args:
+        m: statistics in ``layout`` (host arrays or sharded device arrays).
+        layout: the `Layout` of m.
+        mesh: a mesh whose ``"stats"`` axis has ``layout.shards`` devices.
+        names: the K network names (warnings).
+        metrics: names among `sslsim_jax.pairwise.METRICS` except "rbf_cka".
+        neurons: also return "best", "matched" [K, P, K] (as `_core.neuron_best`) and
+            "valid" [K, P].
+        variance, variance_rule, rtol: as in `sslsim_jax.pairwise.compare_moments`.
+
+    Returns:
+        metric name -> [K, K] NumPy array, as `sslsim_jax.pairwise.compare_moments`.
+    """
+    from sslsim_jax.pairwise import _SPECTRAL, _check_metrics
+
+    metrics = _check_metrics(metrics)
+    if "rbf_cka" in metrics:
+        raise ValueError("rbf_cka needs raw activations: use compare(...)")
+    k, width = len(layout.sizes), layout.width
+    if m.sizes != layout.padded_sizes:
+        raise ValueError(f"expected statistics of sizes {layout.padded_sizes}, got {m.sizes}")
+    if len(names) != k:
+        raise ValueError(f"expected {k} names, got {len(names)}")
+    m = jax.device_put(m, shardings(m, mesh))
+    real = jnp.asarray(layout.real)
+    spectral = bool(_SPECTRAL & set(metrics))
+    m_spec = _specs(m)
+    stage1 = functools.partial(
+        _stage1, width=width, spectral=spectral, rtol=rtol, variance=variance,
+        variance_rule=variance_rule,
+    )  # fmt: skip
+    diag, valid, norms, s = jax.jit(
+        jax.shard_map(stage1, mesh=mesh, in_specs=(m_spec, P()), out_specs=P(), check_vma=False)
+    )(m, real)
+    _core.warn_degenerate(m.count, valid[:k], real[:k], rank_sensitive=spectral, names=tuple(names))
+    cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
+    stage2 = functools.partial(
+        _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons
+    )
+    out = jax.jit(
+        jax.shard_map(
+            stage2,
+            mesh=mesh,
+            in_specs=(m_spec, P(), P(), P(), P(), P()),
+            out_specs=P(STATS),
+            check_vma=False,
+        )
+    )(m, real, diag, valid, norms, s)
+    results = {name: np.asarray(value)[:k, :k] for name, value in out.items() if value.ndim == 2}
+    if neurons:
+        results["best"] = np.asarray(out["best"])[:k, :, :k]
+        results["matched"] = np.asarray(out["matched"])[:k, :, :k]
+        results["valid"] = np.asarray(valid)[:k]
+    return results
