@@ -428,6 +428,40 @@ def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequenc
         )
 
 
+def _memory_limit(device) -> tuple[int, str]:
+    """(bytes, description) of the memory one device of the mesh can use."""
+    stats_ = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats_ and stats_.get("bytes_limit"):
+        return int(stats_["bytes_limit"]), f"{device.device_kind} {device.platform} device"
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cpus = sum(d.platform == "cpu" for d in jax.local_devices())
+    return ram // max(cpus, 1), "host memory per CPU device"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
+    """Fails early, naming the settings to change, when the joint statistics cannot fit.
+
+    Estimate per device, float32: 4·D²/S bytes per copy of the statistics (1 + bootstrap
+    copies) and about 3 more copies' worth of temporaries (the batch's rows, the merge, the
+    metrics' block-sized arrays); D = the statistics' width (padded when sharded).
+    """
+    shards = settings.stat_shards
+    width = sharded.Layout(tuple(sizes), shards).networks * max(sizes) if shards > 1 else sum(sizes)
+    need = 4 * width**2 * (1 + settings.bootstrap + 3) / shards
+    limit, what = _memory_limit(mesh.devices.flat[0])
+    if need > limit:
+        raise AnalysisError(
+            f"the joint statistics of {len(sizes)} networks ({width} neurons) with "
+            f"--bootstrap {settings.bootstrap} need about {_size(need)} per device, more "
+            f"than the {_size(limit)} of {what}: keep fewer --layers, lower --bootstrap, "
+            f"or split them over devices with --stat-shards (now {shards})"
+        )
+
+
 def _poisson_weights(seed: int, index: int, replicates: int) -> np.ndarray:
     return np.random.default_rng([seed, index]).poisson(1.0, size=replicates).astype(np.float32)
 
@@ -466,6 +500,7 @@ def extract(
         entry.model.params = jax.device_put(entry.model.params, distributed.replicated(mesh))
     field = max(e.model.config.receptive_field for e in entries)
 
+    check_memory(sizes, settings, mesh)
     state = _init_state(sizes, settings, entries, mesh)
     if state_path and os.path.isfile(state_path):
         with np.load(state_path) as arrays:

@@ -368,3 +368,24 @@ def test_precision_and_dtype_settings_reach_the_models_and_metrics(models, tmp_p
     for bad in (dict(precision="fast"), dict(dtype="float16")):
         with pytest.raises(ValueError, match=f"--{next(iter(bad))}: expected one of"):
             Settings(**bad)
+
+
+def test_statistics_too_large_for_the_device_fail_early(capsys, models, tmp_path, monkeypatch):
+    import sslsim_jax.pipeline as pipeline
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("must fail before running the models")
+
+    # Two tiny models of width 96, 5 layers + "final" (pre-LN hubert): D = 1056,
+    # 4·D²·(1 + 10 + 3) ≈ 62.4 MB.
+    monkeypatch.setattr(pipeline, "_memory_limit", lambda device: (4_000_000, "test device"))
+    monkeypatch.setattr(sslsim_jax.SpeechModel, "intermediates", no_extraction)
+    line = cli_error(capsys, *analyze_args(models, SPEECH[:1], tmp_path, "--bootstrap", "10"))
+    assert (
+        "11 networks (1056 neurons) with --bootstrap 10 need about 62.4 MB per device, "
+        "more than the 4.0 MB of test device" in line
+    )
+    assert "--layers" in line and "--bootstrap" in line and "--stat-shards" in line
+    monkeypatch.setattr(pipeline, "_memory_limit", lambda device: (10**12, "test device"))
+    mesh = jax.sharding.Mesh(jax.devices(), "d")
+    pipeline.check_memory((96,) * 10, Settings(bootstrap=10), mesh)  # fits: no error

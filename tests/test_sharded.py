@@ -40,7 +40,8 @@ CODE = """
         zp = jax.device_put(layout.pad(cols), distributed.data_sharding(mesh))
         m = sharded.update(m, zp, w, mesh)
         reps = sharded.update_replicates(reps, zp, w_r, mesh)
-    out = {"sharding": list(m.comoment.sharding.spec), "shard": m.comoment.addressable_shards[0].data.shape}
+    out = {"sharding": list(m.comoment.sharding.spec)}
+    out["shard"] = m.comoment.addressable_shards[0].data.shape
     ref = compare_moments(full, names, metrics=metrics)
     got = sharded.pairwise(m, layout, mesh, names, metrics=metrics, neurons=True)
     out["metrics"] = {k: float(np.abs(ref[k] - got[k]).max()) for k in metrics}
@@ -52,7 +53,8 @@ CODE = """
     rep = []
     for r in range(2):
         ref_r = compare_moments(jax.tree.map(lambda a: a[r], full_r), names, metrics=metrics)
-        got_r = sharded.pairwise(jax.tree.map(lambda a: a[r], reps), layout, mesh, names, metrics=metrics)
+        m_r = jax.tree.map(lambda a: a[r], reps)
+        got_r = sharded.pairwise(m_r, layout, mesh, names, metrics=metrics)
         rep.append(max(float(np.abs(ref_r[k] - got_r[k]).max()) for k in metrics))
     out["replicates"] = rep
 
