@@ -51,20 +51,7 @@ def _stage1(m, *, variance, variance_rule, rtol, spectral):
 
 @functools.partial(jax.jit, static_argnames=("metrics", "width"))
 def _stage2(b, s, isd, *, metrics, width):
-    out = {}
-    if "maxcorr" in metrics:
-        out["maxcorr"] = _core.maxcorr_all(b, isd)
-    if "linreg" in metrics:
-        out["linreg"] = _core.linreg_all(b, s)
-    if "svcca" in metrics or "pwcca" in metrics:
-        out["svcca"], out["pwcca"] = _core.cca_all(b, s, width=width, pwcca="pwcca" in metrics)
-    if "linear_cka" in metrics:
-        out["linear_cka"] = _core.linear_cka_all(b)
-    if "debiased_cka" in metrics:
-        out["debiased_cka"] = _core.debiased_cka_all(b)
-    if "procrustes" in metrics:
-        out["procrustes"] = _core.procrustes_all(b)
-    return {k: v for k, v in out.items() if k in metrics}
+    return _core.metric_matrices(b, s, isd, metrics=metrics, width=width)
 
 
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:

@@ -592,7 +592,8 @@ def merge_processes(state: State) -> State:
 
     arrays = _flatten_state(state)
     gathered = {k: np.asarray(multihost_utils.process_allgather(v)) for k, v in arrays.items()}
-    with jax.default_device(jax.devices("cpu")[0]):  # host memory: sharded runs need not fit
+    # Host memory (this process's CPU): sharded statistics need not fit on one device.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         return _merge_parts(gathered, state)
 
 

@@ -245,21 +245,7 @@ def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
 def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons):
     b = _local_blocks(m, width, diag, valid, real)
     isd = _core.inv_sd(b)
-    out = {}
-    if "maxcorr" in metrics:
-        out["maxcorr"] = _core.maxcorr_all(b, isd)
-    if "linreg" in metrics:
-        out["linreg"] = _core.linreg_all(b, s)
-    if "svcca" in metrics or "pwcca" in metrics:
-        sv, pw = _core.cca_rows(b, s, width=cca_width, pwcca="pwcca" in metrics)
-        out |= {"svcca": sv, "pwcca": pw}
-    if "linear_cka" in metrics:
-        out["linear_cka"] = _core.linear_cka_all(b, norms)
-    if "debiased_cka" in metrics:
-        out["debiased_cka"] = _core.debiased_cka_all(b, norms)
-    if "procrustes" in metrics:
-        out["procrustes"] = _core.procrustes_rows(b)
-    out = {name: value for name, value in out.items() if name in metrics}
+    out = _core.metric_matrices(b, s, isd, metrics=metrics, width=cca_width, norms=norms)
     if neurons:
         out["best"], out["matched"] = _core.neuron_best(b, isd)  # [Ka, P, K]
     return out

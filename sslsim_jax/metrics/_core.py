@@ -365,6 +365,35 @@ def procrustes_rows(b: Blocks) -> jax.Array:
     return jnp.where(self_pair, self_dist[:, None], dist)
 
 
+def metric_matrices(
+    b: Blocks,
+    s: Spectra | None,
+    isd: jax.Array,
+    *,
+    metrics: tuple[str, ...],
+    width: int,
+    norms: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """The requested metrics' [Ka, K] matrices (unordered pairs when ``b`` holds every row,
+    else every (row network, network) pair: `cca_rows`, `procrustes_rows`)."""
+    full = norms is None
+    out = {}
+    if "maxcorr" in metrics:
+        out["maxcorr"] = maxcorr_all(b, isd)
+    if "linreg" in metrics:
+        out["linreg"] = linreg_all(b, s)
+    if "svcca" in metrics or "pwcca" in metrics:
+        cca = cca_all if full else cca_rows
+        out["svcca"], out["pwcca"] = cca(b, s, width=width, pwcca="pwcca" in metrics)
+    if "linear_cka" in metrics:
+        out["linear_cka"] = linear_cka_all(b, norms)
+    if "debiased_cka" in metrics:
+        out["debiased_cka"] = debiased_cka_all(b, norms)
+    if "procrustes" in metrics:
+        out["procrustes"] = procrustes_all(b) if full else procrustes_rows(b)
+    return {k: v for k, v in out.items() if k in metrics}
+
+
 def is_traced(*arrays) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
 
