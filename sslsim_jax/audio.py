@@ -450,6 +450,7 @@ def make_batches(
     sample_rate: int = SAMPLE_RATE,
     max_batch_size: int | None = None,
     multiple_of: int | None = None,
+    steps: int | None = None,
 ) -> list[list[int]]:
     """Length-bucketed batches that bound the padded size B * S.
 
@@ -464,6 +465,7 @@ def make_batches(
         sample_rate: samples per second of ``lengths``.
         max_batch_size: at most this many utterances per batch; None for no limit.
         multiple_of: the padding multiple that ``pad`` will use; None for none.
+        steps: the padding grid's steps per doubling that ``pad`` will use (`padded_length`).
 
     Returns:
         Batches of indices into ``lengths``, longest first within and across batches; every
@@ -486,7 +488,7 @@ def make_batches(
     for i in order:
         if batches:
             batch = batches[-1]
-            padded = _round_up(int(lengths[batch[0]]), multiple_of)
+            padded = padded_length(int(lengths[batch[0]]), multiple_of, steps)
             full = max_batch_size is not None and len(batch) >= max_batch_size
             if not full and (len(batch) + 1) * padded <= budget:
                 batch.append(i)
@@ -495,14 +497,24 @@ def make_batches(
     return batches
 
 
-def _round_up(n: int, multiple_of: int | None) -> int:
+def padded_length(n: int, multiple_of: int | None, steps: int | None = None) -> int:
+    """``n`` rounded up to the padding grid.
+
+    Without ``steps``: the next multiple of ``multiple_of``. With ``steps``: multiples of
+    ``multiple_of`` up to ``steps * multiple_of``, then of twice that up to twice as far, and so
+    on, so the grid has ``steps / 2`` lengths per octave (about 40 between 1 s and 35 s with
+    0.25 s and 16 steps, instead of 136) and pads by less than ``max(multiple_of, 2 n / steps)``.
+    Each distinct padded shape costs one compilation: seconds on a CPU, 10–60 s on a GPU.
+    """
     if multiple_of is None:
         return n
+    if steps is not None and n > steps * multiple_of:
+        multiple_of <<= math.ceil(math.log2(n / (steps * multiple_of)))
     return -(-n // multiple_of) * multiple_of
 
 
 def pad(
-    waveforms: Sequence[np.ndarray], *, multiple_of: int | None = None
+    waveforms: Sequence[np.ndarray], *, multiple_of: int | None = None, steps: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stacks 1-D waveforms into a zero-padded batch.
 
@@ -514,6 +526,7 @@ def pad(
     Args:
         waveforms: B arrays of shape [S_b].
         multiple_of: round S up to a multiple of this; None pads to the longest.
+        steps: with ``multiple_of``, round S up on the coarser grid of `padded_length`.
 
     Returns:
         ([B, S] float32 waveforms, [B] int32 lengths).
@@ -527,7 +540,7 @@ def pad(
         if w.ndim != 1:
             raise ValueError(f"expected waveforms[{i}] of shape [S], got {w.shape}")
     lengths = np.array([w.shape[0] for w in arrays], np.int32)
-    samples = max(_round_up(int(lengths.max()), multiple_of), 1)
+    samples = max(padded_length(int(lengths.max()), multiple_of, steps), 1)
     out = np.zeros((len(arrays), samples), np.float32)  # [B, S]
     for i, w in enumerate(arrays):
         out[i, : w.shape[0]] = w

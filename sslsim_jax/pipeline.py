@@ -58,9 +58,11 @@ LAYER_METRICS = tuple(m for m in METRICS if m != "rbf_cka")
 ATTENTION_METHODS = ("fro", "pearson", "js")
 DEFAULT_METRICS = ("maxcorr", "linreg", "svcca", "pwcca", "linear_cka")
 STATE_DIR = ".sslsim_state"
-# Padded lengths are rounded up to a multiple of this many samples (0.25 s), so batches of
-# similar lengths share one compiled shape instead of compiling one program each.
+# Padded lengths are rounded up on a grid (`audio.padded_length`): multiples of 0.25 s up to
+# 4 s, then of 0.5 s up to 8 s, and so on (at most 12.5 % padding), so batches of similar
+# lengths share one compiled shape: each new shape costs a compilation (10-60 s on a GPU).
 PAD_MULTIPLE = 4000
+PAD_STEPS = 16
 FINAL = "final"
 # Values of ``jax.default_matmul_precision`` offered by --precision, most exact first.
 PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "bfloat16", "default")
@@ -507,7 +509,7 @@ def extract(
             state = _restore_state(dict(arrays), state)
     lengths = [len(u.samples) for u in utterances]
     batches = audio.make_batches(
-        lengths, batch_seconds=settings.batch_seconds, multiple_of=PAD_MULTIPLE
+        lengths, batch_seconds=settings.batch_seconds, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS
     )
     seconds = [sum(lengths[i] for i in b) / 16000 for b in batches]
     bar = tqdm(
@@ -529,7 +531,7 @@ def extract(
         real = np.arange(len(waves)) < len(batch)  # [B]
         columns, mask, maps = [], None, {}
         for entry in entries:
-            padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE)
+            padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS)
             if entry.normalize:
                 padded = audio.normalize(padded, lens)
             out = entry.model.intermediates(

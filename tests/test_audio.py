@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sslsim_jax import audio
 from sslsim_jax.audio import AudioError
@@ -504,3 +506,27 @@ def test_shipped_speech():
         assert 0.1 < np.abs(u.samples).max() <= 1.0  # speech, not silence or clipping
     source = os.path.join(os.path.dirname(paths[0]), "SOURCE.md")
     assert "espeak-ng" in open(source).read()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2_000_000))
+def test_padding_grid_bounds_padding_and_is_a_fixed_point(n):
+    p = audio.padded_length(n, 4000, 16)
+    assert n <= p < n + max(4000, 2 * n / 16)
+    assert p % 4000 == 0 and audio.padded_length(p, 4000, 16) == p
+    assert audio.padded_length(n, 4000) <= p  # never finer than the plain multiple
+
+
+def test_padding_grid_has_few_lengths_and_batches_use_it():
+    lengths = np.arange(16000, 35 * 16000 + 1, 160)  # 1 s to 35 s
+    assert len({audio.padded_length(int(n), 4000) for n in lengths}) == 137
+    assert len({audio.padded_length(int(n), 4000, 16) for n in lengths}) == 38
+    # Above 4 s the grid steps by 0.5 s: 4.1 s and 4.3 s both pad to 4.5 s.
+    waves = [np.ones(65600, np.float32), np.ones(68800, np.float32)]
+    assert audio.pad(waves, multiple_of=4000, steps=16)[0].shape == (2, 72000)
+    assert audio.pad(waves[:1], multiple_of=4000)[0].shape == (1, 68000)
+    for seconds, expected in ((8.9, [[1], [0]]), (9.0, [[1, 0]])):  # 2 × 4.5 s
+        batches = audio.make_batches(
+            [65600, 68800], batch_seconds=seconds, multiple_of=4000, steps=16
+        )
+        assert batches == expected

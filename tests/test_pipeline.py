@@ -389,3 +389,16 @@ def test_statistics_too_large_for_the_device_fail_early(capsys, models, tmp_path
     monkeypatch.setattr(pipeline, "_memory_limit", lambda device: (10**12, "test device"))
     mesh = jax.sharding.Mesh(jax.devices(), "d")
     pipeline.check_memory((96,) * 10, Settings(bootstrap=10), mesh)  # fits: no error
+
+
+def test_compiled_programs_are_cached_across_runs(models, tmp_path):
+    cache = tmp_path / "cache"
+    args = analyze_args(models, SPEECH[:1], tmp_path / "o", "--max-seconds", "1")
+    env = dict(os.environ, SSLSIM_CACHE_DIR=str(cache))
+    run = subprocess.run(
+        [sys.executable, "-m", "sslsim_jax.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    entries = list(cache.iterdir())
+    assert entries, "the forward pass (compiled for > 1 s) should be in the cache"
+    assert cli.compilation_cache() is None  # this process: SSLSIM_CACHE_DIR=none (conftest)
