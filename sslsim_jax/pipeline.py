@@ -263,14 +263,35 @@ def load_audio(
 
     ``shard=(p, P)`` keeps utterances p, p + P, p + 2P, … of the list (process p of P).
     """
+    return load_share(source, entries, settings, shard=shard)[0]
+
+
+def load_share(
+    source: Any,
+    entries: Sequence[ModelEntry],
+    settings: Settings,
+    *,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[list[audio.Utterance], list[int]]:
+    """`load_audio`, plus each kept utterance's index in the whole list (which seeds its
+    bootstrap weights, so a dropped clip changes no other clip's draws, whatever the process
+    count). With several processes a share may hold no usable clip; `analyze` checks the
+    total."""
     paths = audio.list_audio(source)
     if settings.max_utterances is not None:
         paths = paths[: settings.max_utterances]
     index, count = shard
-    paths = paths[index::count]
-    utterances = audio.load_utterances(paths, max_seconds=settings.max_seconds)
+    positions = range(index, len(paths), count)
+    loaded = [audio.load_utterance(paths[i], max_seconds=settings.max_seconds) for i in positions]
     field = max(e.model.config.receptive_field for e in entries)
-    utterances = audio.filter_short(utterances, min_samples=field)
+    try:
+        utterances = audio.filter_short(loaded, min_samples=field)
+    except audio.AudioError:
+        if count == 1:
+            raise
+        utterances = []
+    kept = {id(u) for u in utterances}
+    ids = [i for i, u in zip(positions, loaded, strict=True) if id(u) in kept]
     for u in utterances:
         frames = {e.name: e.model.config.num_frames(len(u.samples)) for e in entries}
         if len(set(frames.values())) > 1:
@@ -278,7 +299,7 @@ def load_audio(
                 f"{u.path}: models disagree on the number of frames ({frames}); their conv "
                 f"stacks differ, so frames do not align"
             )
-    return utterances
+    return utterances, ids
 
 
 @dataclasses.dataclass
@@ -577,15 +598,6 @@ def extract(
     return _fetch(state)
 
 
-def _list_indices(source: Any, utterances: Sequence[audio.Utterance], settings) -> list[int]:
-    """Each of this process's utterances' index in the full audio list."""
-    paths = audio.list_audio(source)[: settings.max_utterances]
-    index, count = jax.process_index(), jax.process_count()
-    mine = iter(range(index, len(paths), count))
-    # In order; a dropped clip is skipped (the same path always has the same length).
-    return [next(i for i in mine if paths[i] == u.path) for u in utterances]
-
-
 def merge_processes(state: State) -> State:
     """The statistics of every process's utterances, on every process (host arrays)."""
     if jax.process_count() == 1:
@@ -867,9 +879,13 @@ def _analyze(models, audio_source, out, settings: Settings, *, progress: bool, r
     out = check_output_dir(out)
     entries = prepare_models(models, settings)
     process, processes = jax.process_index(), jax.process_count()
-    utterances = load_audio(audio_source, entries, settings, shard=(process, processes))
+    utterances, ids = load_share(audio_source, entries, settings, shard=(process, processes))
+    if processes > 1 and not sum(distributed.allgather_json(len(utterances))):
+        raise AnalysisError(
+            "no usable audio in any process: every clip is shorter than the models' receptive "
+            "field (see the warnings)"
+        )
     key = run_key(entries, utterances, settings)
-    ids = _list_indices(audio_source, utterances, settings) if processes > 1 else None
     state = extract(
         entries,
         utterances,

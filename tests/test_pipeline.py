@@ -402,3 +402,21 @@ def test_compiled_programs_are_cached_across_runs(models, tmp_path):
     entries = list(cache.iterdir())
     assert entries, "the forward pass (compiled for > 1 s) should be in the cache"
     assert cli.compilation_cache() is None  # this process: SSLSIM_CACHE_DIR=none (conftest)
+
+
+def test_share_keeps_list_indices_and_may_be_empty_with_several_processes(
+    models, bad_audio, tmp_path
+):
+    from sslsim_jax.pipeline import load_share, prepare_models
+
+    entries = prepare_models(models[:1], Settings())
+    paths = [SPEECH[0], str(bad_audio / "short.wav"), SPEECH[1], SPEECH[2]]
+    with pytest.warns(UserWarning, match="shorter than the model's receptive field"):
+        utterances, ids = load_share(paths, entries, Settings())
+    assert ids == [0, 2, 3] and [u.path for u in utterances] == [paths[i] for i in ids]
+    # The bootstrap seeds are list indices, also in a process's share.
+    assert load_share(paths, entries, Settings(), shard=(0, 2))[1] == [0, 2]
+    with pytest.warns(UserWarning):
+        assert load_share(paths, entries, Settings(), shard=(1, 4)) == ([], [])
+        with pytest.raises(ValueError, match="no usable audio"):
+            load_share(paths[1:2], entries, Settings())
