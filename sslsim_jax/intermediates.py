@@ -15,6 +15,7 @@ transformers' ``last_hidden_state`` in both versions and for every layout.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -106,6 +107,14 @@ class SpeechModel:
             lambda p, w, n, attentions: forward(self.module, p, w, n, attentions),
             static_argnums=3,
         )
+
+    def placed(self, sharding: Any) -> SpeechModel:
+        """This model with its params on ``sharding``'s devices (e.g. replicated over a mesh,
+        `sslsim_jax.distributed.replicated`); this one keeps its own. Shares the compiled
+        forward pass."""
+        other = copy.copy(self)
+        other.params = jax.device_put(self.params, sharding)
+        return other
 
     def __repr__(self) -> str:
         c = self.config

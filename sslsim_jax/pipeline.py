@@ -518,9 +518,9 @@ def extract(
     else:
         join = functools.partial(jnp.concatenate, axis=1)
         update, update_replicates = _updaters(mesh)
-    for entry in entries:
-        # Placed once per run: a forward pass then finds its params on every device.
-        entry.model.params = jax.device_put(entry.model.params, distributed.replicated(mesh))
+    # Params placed once per run on every device of the mesh (the caller's models keep theirs).
+    replicated = distributed.replicated(mesh)
+    entries = [dataclasses.replace(e, model=e.model.placed(replicated)) for e in entries]
     field = max(e.model.config.receptive_field for e in entries)
 
     check_memory(sizes, settings, mesh)

@@ -420,3 +420,14 @@ def test_share_keeps_list_indices_and_may_be_empty_with_several_processes(
         assert load_share(paths, entries, Settings(), shard=(1, 4)) == ([], [])
         with pytest.raises(ValueError, match="no usable audio"):
             load_share(paths[1:2], entries, Settings())
+
+
+def test_analysis_leaves_the_callers_models_untouched(tmp_path):
+    model = demo.demo_model("tiny_wav2vec2", seed=0)
+    params = model.params
+    settings = Settings(metrics=("linear_cka",), max_seconds=1.0)
+    analyze([("w2v", model)], SPEECH[:1], tmp_path, settings, progress=False, report=False)
+    assert model.params is params
+    placed = model.placed(jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    assert placed.params is not params and placed.module is model.module
+    np.testing.assert_array_equal(jax.tree.leaves(placed.params)[0], jax.tree.leaves(params)[0])
