@@ -193,10 +193,10 @@ def test_two_processes_merge_statistics_like_one():
     run_two_processes(code, devices=2, timeout=120)
 
 
-def run_two_processes(code: str, *, devices: int, timeout: float) -> None:
+def run_two_processes(code: str, *, devices: int, timeout: float, port: int | None = None) -> None:
     """Runs ``code`` as processes 0 and 1 (``argv``: id, port) on localhost with ``devices``
     fake CPU devices each; each must print ``ok <id>``."""
-    port = str(free_port())
+    port = str(port or free_port())
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, "-c", textwrap.dedent(code)]
@@ -251,3 +251,36 @@ def test_cli_multi_process_flags_need_a_coordinator(tmp_path, capsys):
         "sslsim analyze: error: --num-processes/--process-id: need --coordinator HOST:PORT "
         "(or 'auto')"
     )
+
+
+def test_coordinator_auto_reads_the_cluster_from_the_environment():
+    """``--coordinator auto``: two processes of a (simulated) SLURM job of 2 tasks on this host
+    find each other through JAX's cluster detection alone."""
+    first = 65536 - 2**12  # JAX derives the port from the job id: 61440 + id % 4096
+    port = next(p for p in range(first + 1000, 65536) if _port_free(p))
+    code = f"""
+        import os, sys
+        pid = int(sys.argv[1])
+        for name in ("KUBERNETES_SERVICE_HOST", "OMPI_MCA_orte_hnp_uri"):
+            os.environ.pop(name, None)
+        os.environ.update(
+            SLURM_JOB_ID="{port - first}", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+            SLURM_PROCID=str(pid), SLURM_LOCALID=str(pid),
+        )
+        import jax
+        from sslsim_jax import distributed
+        assert distributed.initialize("auto", timeout_seconds=60)
+        assert (jax.process_count(), jax.process_index()) == (2, pid)
+        assert distributed.allgather_json({{"pid": pid}}) == [{{"pid": 0}}, {{"pid": 1}}]
+        print("ok", pid)
+        """
+    run_two_processes(code, devices=1, timeout=120, port=port)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
