@@ -59,8 +59,9 @@ ATTENTION_METHODS = ("fro", "pearson", "js")
 DEFAULT_METRICS = ("maxcorr", "linreg", "svcca", "pwcca", "linear_cka")
 STATE_DIR = ".sslsim_state"
 # Padded lengths are rounded up on a grid (`audio.padded_length`): multiples of 0.25 s up to
-# 4 s, then of 0.5 s up to 8 s, and so on (at most 12.5 % padding), so batches of similar
-# lengths share one compiled shape: each new shape costs a compilation (10-60 s on a GPU).
+# 4 s, then of 0.5 s up to 8 s, and so on (at most 12.5 % padding above 4 s), so batches of
+# similar lengths share one compiled shape: each new shape costs a compilation (10-60 s on a
+# GPU).
 PAD_MULTIPLE = 4000
 PAD_STEPS = 16
 FINAL = "final"

@@ -123,8 +123,21 @@ def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat
             ("hubert", demo.demo_model("tiny_hubert", seed=1)),
         ]
         settings = Settings(**{SETTINGS!r}, devices=8, stat_shards={stat_shards})
-        analyze(models, demo_audio_paths(), {str(tmp_path / "d8")!r}, settings, progress=False,
-                report=False)
+        out = {str(tmp_path / "d8")!r}
+        table = analyze(models, demo_audio_paths(), out, settings, progress=False, report=False)
+        # Same run, other metrics: the statistics come back from the checkpoint, onto their
+        # devices (sharded when stat_shards > 1), and no model runs.
+        def no_extraction(*args, **kwargs):
+            raise AssertionError("a finished run must not run the models again")
+        for _, model in models:
+            model.intermediates = no_extraction
+        import dataclasses, shutil
+        shutil.copytree(out, out + "-again")
+        cka = dataclasses.replace(settings, metrics=("linear_cka",))
+        again = analyze(models, demo_audio_paths(), out + "-again", cka, progress=False,
+                        report=False)
+        ours = table[table.metric == "linear_cka"].value.to_numpy()
+        assert (again[again.metric == "linear_cka"].value.to_numpy() == ours).all()
         """
     run = run_python(code, devices=8)
     assert run.returncode == 0, run.stderr[-3000:]
