@@ -288,6 +288,8 @@ def pairwise(
         raise ValueError(f"expected statistics of sizes {layout.padded_sizes}, got {m.sizes}")
     if len(names) != k:
         raise ValueError(f"expected {k} names, got {len(names)}")
+    # One copy along "data" is enough: the other rows of the mesh would repeat the same work.
+    mesh = Mesh(mesh.devices[:1], mesh.axis_names, axis_types=mesh.axis_types)
     m = jax.device_put(m, shardings(m, mesh))
     real = jnp.asarray(layout.real)
     spectral = bool(_SPECTRAL & set(metrics))
