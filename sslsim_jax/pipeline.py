@@ -474,7 +474,7 @@ def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
     metrics' block-sized arrays); D = the statistics' width (padded when sharded).
     """
     shards = settings.stat_shards
-    width = sharded.Layout(tuple(sizes), shards).networks * max(sizes) if shards > 1 else sum(sizes)
+    width = sum(sharded.Layout(tuple(sizes), shards).padded_sizes if shards > 1 else sizes)
     need = 4 * width**2 * (1 + settings.bootstrap + 3) / shards
     limit, what = _memory_limit(mesh.devices.flat[0])
     if need > limit:
@@ -508,9 +508,9 @@ def extract(
     from tqdm.auto import tqdm
 
     ids = range(len(utterances)) if ids is None else ids
-    mesh = distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
+    mesh = _mesh(settings)
     multiple = distributed.batch_multiple(mesh)
-    sizes = tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
+    sizes = network_sizes(entries)
     if settings.stat_shards > 1:
         layout = sharded.Layout(sizes, settings.stat_shards)
         join = layout.pad
@@ -641,6 +641,21 @@ def _fetch(state: State) -> State:
     )
 
 
+def network_sizes(entries: Sequence[ModelEntry]) -> tuple[int, ...]:
+    """The width of each network (model layer) in the joint statistics, in column order."""
+    return tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
+
+
+def network_names(entries: Sequence[ModelEntry]) -> list[str]:
+    """``"model:layer"`` of each network, in column order."""
+    return [f"{e.name}:{label}" for e in entries for label in e.layers]
+
+
+def _mesh(settings: Settings) -> jax.sharding.Mesh:
+    """This process's mesh for the run's ``devices`` and ``stat_shards``."""
+    return distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
+
+
 def _pair_rows(names_a, names_b, values: np.ndarray, metric: str) -> pd.DataFrame:
     """Tidy rows (model_a, layer_a, model_b, layer_b, metric, value) of a [Ka, Kb] matrix."""
     ia, ib = np.meshgrid(np.arange(len(names_a)), np.arange(len(names_b)), indexing="ij")
@@ -675,9 +690,8 @@ def pairwise_fn(entries: Sequence[ModelEntry], settings: Settings) -> Callable[.
             return {k: np.asarray(v) for k, v in out.items()}
 
         return full
-    sizes = tuple(e.model.config.hidden_size for e in entries for _ in e.layers)
-    layout = sharded.Layout(sizes, settings.stat_shards)
-    mesh = distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
+    layout = sharded.Layout(network_sizes(entries), settings.stat_shards)
+    mesh = _mesh(settings)
     return lambda m, names, **kwargs: sharded.pairwise(m, layout, mesh, names, **kwargs)
 
 
@@ -688,7 +702,7 @@ def similarity_table(
     pairwise = pairwise_fn(entries, settings)
     from tqdm.auto import tqdm
 
-    names = [f"{e.name}:{label}" for e in entries for label in e.layers]
+    names = network_names(entries)
     bar = tqdm(
         total=1 + settings.bootstrap,
         desc=f"metrics ({len(names)} networks, {len(settings.metrics)} metrics)",
@@ -767,8 +781,7 @@ def neuron_tables(
     The rankings of a network's neurons use the networks of the *other* models: MaxCorr ranks a
     neuron by its highest best-|r| over them, MinCorr by its lowest.
     """
-    names = [f"{e.name}:{label}" for e in entries for label in e.layers]
-    sizes = [e.model.config.hidden_size for e in entries for _ in e.layers]
+    names, sizes = network_names(entries), network_sizes(entries)
     pairwise = pairwise_fn(entries, settings or Settings())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported with the similarity table
