@@ -1,4 +1,5 @@
 """Checkpoint conversion: transformers (PyTorch) Wav2Vec2/HuBERT -> sslsim-jax Flax params.
 
-Command line: ``python -m convert SRC DST`` (or ``sslsim convert SRC DST``).
+This folder installs as ``sslsim_jax.convert`` (never as a top-level ``convert`` module).
+Command line: ``sslsim convert SRC DST``.
 """

@@ -1,4 +1,4 @@
-"""Data-parallel extraction throughput on 1, 2, 4, 8 devices (`sslsim_jax.pipeline.extract`).
+"""Data-parallel extraction throughput on 1, 2, 4, 8 devices (`sslsim_jax.analysis.extract`).
 
 Runs the models over the audio once per device count (forward passes, NaN checks, joint
 statistics update; attention with ``--attention``) and reports seconds of audio per second and
@@ -66,7 +66,7 @@ def main() -> None:
     from _bench import machine
 
     from sslsim_jax import audio, demo
-    from sslsim_jax.pipeline import Settings, extract, load_audio, prepare_models
+    from sslsim_jax.analysis import Settings, extract, load_audio, prepare_models
 
     if args.size:
         models = [(f"{args.size}-{seed}", random_model(args.size, seed)) for seed in (0, 1)]

@@ -8,12 +8,13 @@ The data flow, host side, is::
     for batch in make_batches([u.num_samples for u in utts], batch_seconds=40.0):
         waveforms, lengths = pad([utts[i].samples for i in batch], multiple_of=16000)
         waveforms = normalize(waveforms, lengths)      # if the feature extractor says so
-        # waveforms: [B, S], lengths: [B] -> the model; frame_lengths / frame_mask give [B, T]
+        # waveforms: [B, S], lengths: [B] -> the model; cfg.frame_lengths + frame_mask: [B, T]
 
 File access happens only in ``list_audio``, ``load``/``load_utterance``/``load_utterances``,
 ``feature_extractor_settings`` and ``demo_audio_paths``; everything else is a pure function of
-arrays. ``frame_lengths`` and ``frame_mask`` also accept ``jax.Array`` input and then work under
-``jax.jit`` (the conv geometry and ``num_frames`` are static).
+arrays. ``frame_mask`` also accepts ``jax.Array`` input and then works under ``jax.jit``. The
+frame geometry (receptive field, stride, frames per utterance) lives on the model config
+(``ModelConfig.frame_lengths``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import soundfile
 import soxr
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 SAMPLE_RATE = 16000
 # soxr's "VHQ" preset (28-bit precision, steep filter) rather than the default "HQ" (20-bit):
 # float32 carries 24 bits, and resampling is a small cost next to the model's forward pass.
@@ -42,6 +43,10 @@ RESAMPLE_QUALITY = "VHQ"
 NORM_EPS = 1e-7
 
 PathLike = str | os.PathLike
+
+
+# A list of paths larger than this is not a list of paths (e.g. a binary file misnamed).
+MAX_LIST_BYTES = 256 * 2**20
 
 
 class AudioError(ValueError):
@@ -112,8 +117,20 @@ def _audio_in_directory(directory: str) -> list[str]:
     """Audio files under ``directory``, recursively, sorted by relative path; hidden files and
     folders (names starting with ".", e.g. macOS "._x.wav" resource forks) are skipped."""
     found = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    # Symlinked folders are followed; a link back to a folder already seen (a loop, or a second
+    # way to the same folder) is skipped with a warning, so no file is listed twice.
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            warnings.warn(
+                f"{root}: skipped, a symbolic link to {real}, which is already listed",
+                stacklevel=3,
+            )
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if _is_audio_name(name) and not name.startswith("."):
                 rel = os.path.relpath(os.path.join(root, name), directory)
@@ -132,23 +149,31 @@ def _expand(path: str, *, listed_in: str | None = None) -> list[str]:
     """A directory becomes its audio files; a file stays itself; a missing path is an error."""
     if os.path.isdir(path):
         return _audio_in_directory(path)
+    where = f" (listed in {listed_in})" if listed_in else ""
     if not os.path.exists(path):
-        where = f" (listed in {listed_in})" if listed_in else ""
         raise FileNotFoundError(f"{path}: no such file or directory{where}")
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: not a regular file or directory{where}")
     return [path]
 
 
 def _read_path_list(list_file: str) -> list[str]:
     """Paths from a text file, one per line; blank lines and "#" comments are ignored; relative
     paths are resolved against the text file's folder."""
-    try:
-        with open(list_file, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
+    if not os.path.isfile(list_file):
+        raise AudioError(f"{list_file}: not a regular file or directory")
+    size = os.path.getsize(list_file)
+    with open(list_file, "rb") as f:
+        head = f.read(8192)
+    if b"\0" in head or size > MAX_LIST_BYTES:
         raise AudioError(
-            f"{list_file}: neither an audio file ({', '.join(AUDIO_EXTENSIONS)}) nor a UTF-8 "
-            "text file of paths"
-        ) from None
+            f"{list_file}: neither an audio file ({', '.join(AUDIO_EXTENSIONS)}) nor a text "
+            "file of paths"
+        )
+    # utf-8-sig drops a byte-order mark; surrogateescape keeps file names that are not UTF-8
+    # (e.g. Latin-1) as the same bytes the file system has, as os.listdir does.
+    with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
+        lines = f.read().splitlines()
     base = os.path.dirname(list_file)
     paths = []
     for line in lines:
@@ -167,10 +192,12 @@ def list_audio(paths: PathLike | Sequence[PathLike]) -> list[str]:
 
     Args:
         paths: one of
-            - a directory: every ``.wav``, ``.flac`` and ``.ogg`` file below it (any case,
-              recursively, hidden files and folders skipped), sorted by relative path;
+            - a directory: every ``.wav``, ``.flac``, ``.ogg`` and ``.mp3`` file below it (any
+              case, recursively, hidden files and folders skipped, symbolic links to folders
+              followed once), sorted by relative path;
             - an audio file (one of those extensions): just that file;
-            - any other file: a UTF-8 text file of paths, one per line; blank lines and lines
+            - any other regular file: a UTF-8 text file of paths (a byte-order mark is allowed;
+              names that are not UTF-8 are kept byte for byte), one per line; blank lines and lines
               starting with ``#`` are ignored; relative paths are resolved against the text
               file's folder; listed directories are expanded as above;
             - a list of files and/or directories, kept in the given order (directories
@@ -309,7 +336,7 @@ def filter_short(utterances: Sequence[Utterance], *, min_samples: int) -> list[U
     Args:
         utterances: loaded utterances.
         min_samples: the fewest samples that give a frame: ``ModelConfig.receptive_field`` (the
-            largest over the models compared), or ``receptive_field(conv_kernel, conv_stride)``.
+            largest over the models compared).
 
     Returns:
         The utterances with at least ``min_samples`` samples, in order.
@@ -547,60 +574,11 @@ def pad(
     return out, lengths
 
 
-def receptive_field(conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> int:
-    """Samples needed for one frame of a conv stack (400 for wav2vec 2.0 and HuBERT).
-
-    The same number as ``ModelConfig.receptive_field``; use that when you have a config.
-    """
-    kernel, stride = _check_conv(conv_kernel, conv_stride)
-    need = 1
-    for k, s in zip(reversed(kernel), reversed(stride), strict=True):
-        need = (need - 1) * s + k
-    return need
-
-
-def _check_conv(
-    conv_kernel: Sequence[int], conv_stride: Sequence[int]
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    kernel, stride = tuple(int(k) for k in conv_kernel), tuple(int(s) for s in conv_stride)
-    if len(kernel) != len(stride) or not kernel:
-        raise ValueError(
-            f"expected conv_kernel and conv_stride of the same non-zero length, got "
-            f"{len(kernel)} and {len(stride)}"
-        )
-    if min(kernel) < 1 or min(stride) < 1:
-        raise ValueError(f"expected positive conv sizes, got kernel {kernel}, stride {stride}")
-    return kernel, stride
-
-
-def frame_lengths(lengths: Any, conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> Any:
-    """Frames per utterance after the conv feature encoder.
-
-    transformers' ``_get_feat_extract_output_lengths``: ``(L - k) // s + 1`` per conv layer,
-    except that an utterance shorter than the receptive field gets 0 frames (transformers would
-    return a negative or meaningless count). Equals ``ModelConfig.num_frames`` elementwise.
-
-    Args:
-        lengths: [B] int valid samples; a ``jax.Array`` (also under ``jax.jit``) or array-like.
-        conv_kernel, conv_stride: the model's conv geometry (``ModelConfig.conv_kernel`` ...).
-
-    Returns:
-        [B] int32 frame counts, a ``jax.Array`` for ``jax.Array`` input, else ``np.ndarray``.
-    """
-    kernel, stride = _check_conv(conv_kernel, conv_stride)
-    xp = jnp if isinstance(lengths, jax.Array) else np
-    n = xp.asarray(lengths).astype(xp.int32)
-    valid = n >= receptive_field(kernel, stride)
-    for k, s in zip(kernel, stride, strict=True):
-        n = (n - k) // s + 1
-    return xp.where(valid, n, 0).astype(xp.int32)
-
-
 def frame_mask(frame_lengths: Any, num_frames: int) -> Any:
     """[B, T] bool mask, True on each utterance's first ``frame_lengths[b]`` frames.
 
     Args:
-        frame_lengths: [B] int frames per utterance (from ``frame_lengths``); a ``jax.Array``
+        frame_lengths: [B] int frames per utterance (``ModelConfig.frame_lengths``); a ``jax.Array``
             (also under ``jax.jit``) or array-like.
         num_frames: T, the padded frame count (static).
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.hf import (
+from sslsim_jax.convert.hf import (
     CheckpointError,
     convert_state_dict,
     find_weights,
@@ -119,8 +119,11 @@ def load_converted(path: str | os.PathLike, *, param_dtype=None) -> tuple[ModelC
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
-    with open(os.path.join(path, MARKER)) as f:
-        marker = json.load(f)
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}/{MARKER}: not valid JSON ({e})") from None
     if marker.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}/{MARKER}: format_version {marker.get('format_version')!r}, "
@@ -129,9 +132,17 @@ def load_converted(path: str | os.PathLike, *, param_dtype=None) -> tuple[ModelC
     config = ModelConfig.from_json_file(os.path.join(path, "config.json"))
     if marker.get("ctc_head") and not config.ctc_head:
         config = dataclasses.replace(config, ctc_head=True, vocab_size=marker["vocab_size"])
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(path, PARAMS_DIR))
-    params = jax.tree.map(np.asarray, params)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(params_dir)
+        params = jax.tree.map(np.asarray, params)
+    except Exception as e:  # orbax raises many kinds for a damaged file; all mean the same here
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{params_dir}: damaged or incomplete orbax checkpoint of model {path} "
+            f"({type(e).__name__}: {detail[:200]}); convert the model again"
+        ) from None
     shapes = param_shapes(config)
     flat = flax.traverse_util.flatten_dict(params)
     if set(flat) != set(shapes):

@@ -7,45 +7,86 @@ the file or argument, with exit status 1 and no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import signal
 import sys
 import warnings
 
 
 def _settings(args: argparse.Namespace):
-    from sslsim_jax.pipeline import Settings
+    """`Settings` from the flags that `add_settings_flags` declared (fields not given keep
+    their defaults)."""
+    from sslsim_jax.analysis import Settings
 
-    layers = None
-    if args.layers is not None:
-        layers = tuple(x if x == "final" else _layer_index(x) for x in args.layers)
-    return Settings(
-        metrics=tuple(args.metrics),
-        layers=layers,
-        attention=args.attention,
-        max_utterances=args.max_utterances,
-        max_seconds=args.max_seconds,
-        batch_seconds=args.batch_seconds,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        checkpoint_seconds=args.checkpoint_seconds,
-        devices=args.devices,
-        precision=args.precision,
-        dtype=args.dtype,
-        stat_shards=args.stat_shards,
-    )
+    given = {}
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            given[field.name] = tuple(value) if isinstance(value, list) else value
+    return Settings(**given)
 
 
-def _layer_index(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--layers: expected layer indices or 'final', got {text!r}") from None
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `Settings` field, generated from its annotation and metadata (help, metavar,
+    choices); defaults come from the dataclass, so the flags default to None here."""
+    from sslsim_jax.analysis import Settings
+    from sslsim_jax.analysis.settings import field_type
+
+    for field in dataclasses.fields(Settings):
+        meta = dict(field.metadata)
+        kind, sequence, _ = field_type(field)
+        default = field.default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = meta.pop("help")
+        if kind is bool:
+            parser.add_argument(
+                _flag(field.name), action="store_true", default=None, help=help_text
+            )
+            continue
+        if default is not None:
+            help_text += f" (default: {shown})"
+        parser.add_argument(
+            _flag(field.name),
+            type=kind if kind in (int, float) else str,
+            nargs="+" if sequence else None,
+            default=None,
+            help=help_text,
+            **meta,
+        )
+
+
+def _option_names() -> set[str]:
+    from sslsim_jax.analysis import Settings
+
+    return {f.name for f in dataclasses.fields(Settings)} | {
+        "out",
+        "audio",
+        "coordinator",
+        "num_processes",
+        "process_id",
+    }
+
+
+def flag_message(message: str) -> str:
+    """A library message that starts with an argument's name (``max_seconds: ...``), with that
+    name shown as the command line's flag (``--max-seconds: ...``)."""
+    head, sep, rest = message.partition(": ")
+    if sep and all(part in _option_names() for part in head.split("/")):
+        head = "/".join(_flag(part) for part in head.split("/"))
+        return f"{head}: {rest}"
+    return message
 
 
 def _analyze(args: argparse.Namespace) -> int:
     import jax
 
     from sslsim_jax import distributed
-    from sslsim_jax.pipeline import analyze
+    from sslsim_jax.analysis import STATE_DIR, analyze
 
     settings = _settings(args)
     distributed.initialize(
@@ -61,6 +102,12 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"wrote {len(table)} rows to {args.out}/similarities.csv")
     if not args.no_report:
         print(f"report: {args.out}/report.html")
+    state = os.path.join(args.out, STATE_DIR)
+    size = sum(e.stat().st_size for e in os.scandir(state) if e.is_file())
+    print(
+        f"statistics kept in {state} ({size / 1e6:.1f} MB): the same command with other "
+        "--metrics reuses them; delete that folder to free the space"
+    )
     return 0
 
 
@@ -87,8 +134,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sslsim_jax.pipeline import DEFAULT_METRICS, DTYPES, LAYER_METRICS, PRECISIONS
-
     parser = argparse.ArgumentParser(
         prog="sslsim",
         description="Similarity analysis of wav2vec 2.0 and HuBERT models (sslsim-jax).",
@@ -111,54 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio directory (wav/flac/ogg, recursive), audio files, or a text file of paths",
     )  # fmt: skip
     analyze.add_argument("--out", required=True, help="output directory")
-    analyze.add_argument(
-        "--metrics", nargs="+", default=list(DEFAULT_METRICS), metavar="METRIC",
-        help=f"layer metrics among {', '.join(LAYER_METRICS)} (default: %(default)s)",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--layers", nargs="+", metavar="LAYER",
-        help="layer indices to keep (0 = transformer input; 'final' = final LayerNorm of "
-        "pre-LN models); default: all",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--attention", action="store_true",
-        help="also compare attention heads (Frobenius, Pearson, Jensen-Shannon)",
-    )  # fmt: skip
-    analyze.add_argument("--max-utterances", type=int, help="use at most N utterances")
-    analyze.add_argument("--max-seconds", type=float, help="crop utterances to S seconds")
-    analyze.add_argument(
-        "--batch-seconds", type=float, default=40.0,
-        help="padded audio per batch, in seconds (default: %(default)s)",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--bootstrap", type=int, default=0, metavar="B",
-        help="confidence intervals from B bootstrap replicates over utterances (default: none)",
-    )  # fmt: skip
-    analyze.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    analyze.add_argument(
-        "--checkpoint-seconds", type=float, default=120.0,
-        help="seconds between checkpoints of the statistics (default: %(default)s)",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--devices", type=int, metavar="N",
-        help="split batches over the first N local devices (default: all); results do not "
-        "depend on N",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--stat-shards", type=int, default=1, metavar="S",
-        help="split the joint statistics over S devices (a divisor of --devices), for more "
-        "networks than one device's memory holds (default: %(default)s, a copy per device)",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--precision", default="highest", choices=PRECISIONS,
-        help="matmul precision of models and metrics: 'highest' is exact float32 on every "
-        "device; 'tensorfloat32' (GPU) or 'bfloat16' (TPU) is faster and less exact "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    analyze.add_argument(
-        "--dtype", default="float32", choices=DTYPES,
-        help="the models' compute dtype; statistics are float32 either way (default: %(default)s)",
-    )  # fmt: skip
+    add_settings_flags(analyze)
     analyze.add_argument(
         "--coordinator", metavar="HOST:PORT",
         help="multi-process run: process 0's address ('auto': read the cluster environment, "
@@ -199,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert a transformers checkpoint to sslsim-jax (orbax) format",
         description="Converts a transformers Wav2Vec2/HuBERT checkpoint directory or hub id "
-        "into config.json plus orbax-checkpoint params (same as python -m convert).",
+        "into config.json plus orbax-checkpoint params.",
     )
     convert.add_argument("source", help="transformers checkpoint directory or hub id")
     convert.add_argument("destination", help="directory to write")
@@ -222,7 +220,6 @@ def compilation_cache() -> str | None:
     of similar lengths). Directory: ``$SSLSIM_CACHE_DIR``, default ``~/.cache/sslsim/jax``;
     ``SSLSIM_CACHE_DIR=none`` turns it off.
     """
-    import os
 
     import jax
 
@@ -238,18 +235,22 @@ def compilation_cache() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    # SIGTERM (a scheduler's time limit, `kill`) stops like Ctrl-C: checkpoints stay valid.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.command in ("analyze", "demo"):
         compilation_cache()
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        # A newline first: the message must not land on a progress bar's line.
         print(
-            f"sslsim {args.command}: interrupted; run the same command again to resume",
+            f"\nsslsim {args.command}: interrupted; run the same command again to resume",
             file=sys.stderr,
         )
         return 130
     except (OSError, ValueError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = flag_message(message)
         print(f"sslsim {args.command}: error: {message}", file=sys.stderr)
         return 1
 

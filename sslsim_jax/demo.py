@@ -4,7 +4,7 @@ Three small models built from configs shipped in ``sslsim_jax/data`` with seeded
 a wav2vec 2.0-style model (group norm, post-LN), a "fine-tuned" CTC variant of it (its weights
 perturbed more in deeper blocks, plus a CTC head, mimicking how fine-tuning changes upper layers
 most), and a HuBERT-style model (layer norm, pre-LN). They run over the speech clips shipped in
-``sslsim_jax/data/speech`` (see SOURCE.md there) through ``sslsim_jax.pipeline.analyze``.
+``sslsim_jax/data/speech`` (see SOURCE.md there) through ``sslsim_jax.analysis.analyze``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run(
 ) -> pd.DataFrame:
     """Runs the demonstration analysis into ``out`` and returns the similarity table."""
     from sslsim_jax import audio
-    from sslsim_jax.pipeline import Settings, analyze
+    from sslsim_jax.analysis import Settings, analyze
 
     settings = settings or Settings(
         metrics=("maxcorr", "linreg", "svcca", "pwcca", "linear_cka", "debiased_cka"),

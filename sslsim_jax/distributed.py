@@ -16,7 +16,7 @@ replicated statistics makes XLA insert the cross-device (and cross-host) reducti
 
 A mesh over several processes uses the same number of local devices in every process (the
 first ``devices`` of each), so a global batch is the concatenation of the processes' local
-batches in process order. The analysis itself (`sslsim_jax.pipeline`) runs every process on a
+batches in process order. The analysis itself (`sslsim_jax.analysis`) runs every process on a
 ``local=True`` mesh over its own share of the audio and merges the statistics across processes
 once at the end, so processes never wait on each other batch by batch.
 """
@@ -122,20 +122,19 @@ def make_mesh(devices: int | None = None, *, local: bool = False, stat_shards: i
 
     Raises:
         ValueError: ``devices`` is not in ``[1, jax.local_device_count()]`` or not a multiple of
-            ``stat_shards``; names ``--devices`` / ``--stat-shards``.
+            ``stat_shards``; names the argument.
     """
     available = jax.local_device_count()
     if devices is None:
         devices = available
     if not 1 <= devices <= available:
         raise ValueError(
-            f"--devices: expected 1 <= N <= {available} (local {jax.default_backend()} devices), "
+            f"devices: expected 1 <= N <= {available} (local {jax.default_backend()} devices), "
             f"got {devices}"
         )
     if stat_shards < 1 or devices % stat_shards:
         raise ValueError(
-            f"--stat-shards: expected a divisor of the {devices} devices (--devices), "
-            f"got {stat_shards}"
+            f"stat_shards: expected a divisor of the {devices} devices (devices), got {stat_shards}"
         )
     chosen = []
     for p in [jax.process_index()] if local else range(jax.process_count()):

@@ -184,7 +184,7 @@ def load_model(
     Args:
         path_or_hub_id: a transformers checkpoint directory (``config.json`` plus
             ``model.safetensors``/``pytorch_model.bin``, possibly sharded), a directory
-            converted by ``python -m convert``, or a hub id such as
+            converted by ``sslsim convert``, or a hub id such as
             ``"facebook/wav2vec2-base"`` (downloaded or taken from the huggingface cache).
         dtype: compute dtype (e.g. ``jnp.bfloat16``); norms and softmax stay float32.
         param_dtype: dtype the params are stored in.

@@ -3,7 +3,7 @@
 `compare` stacks the K networks side by side (Z: [N, ΣD_k]), accumulates their joint
 `sslsim_jax.stats.Moments` batch by batch (only the upper blocks of the symmetric co-moment are
 multiplied), then computes every metric for every ordered pair with batched kernels of
-`sslsim_jax.metrics._core`: one ``eigh`` per network (vmapped), one einsum for all linreg
+`sslsim_jax.metrics.kernels`: one ``eigh`` per network (vmapped), one einsum for all linreg
 solves, one ``svd`` per unordered pair (vmapped; both CCA directions and PWCCA weights come from
 it), block norms for CKA. The per-pair SVD uses only as many eigen-directions as the largest
 number SVCCA keeps, so its cost follows the data's effective rank.
@@ -20,23 +20,13 @@ import numpy as np
 import pandas as pd
 
 from sslsim_jax import stats
-from sslsim_jax.metrics import _core
+from sslsim_jax.metrics import kernels, registry
 from sslsim_jax.metrics.representation import rbf_cka_matrix
 
 __all__ = ["METRICS", "compare", "compare_moments"]
 
-METRICS = (
-    "maxcorr",
-    "linreg",
-    "svcca",
-    "pwcca",
-    "linear_cka",
-    "debiased_cka",
-    "procrustes",
-    "rbf_cka",
-)
-_DEFAULT = ("maxcorr", "linreg", "svcca", "pwcca", "linear_cka")
-_SPECTRAL = {"linreg", "svcca", "pwcca"}
+# Measures `compare` computes: those of the joint statistics and RBF CKA on raw frames.
+METRICS = registry.names("moments") + registry.names("frames")
 
 _moments = jax.jit(stats.moments, static_argnames="sizes")
 _merge = jax.jit(stats.merge)
@@ -44,31 +34,31 @@ _merge = jax.jit(stats.merge)
 
 @functools.partial(jax.jit, static_argnames=("variance", "variance_rule", "rtol", "spectral"))
 def _stage1(m, *, variance, variance_rule, rtol, spectral):
-    b = _core.blocks(m)
-    s = _core.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
-    return b, (s if spectral else None), _core.inv_sd(b)
+    b = kernels.blocks(m)
+    s = kernels.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
+    return b, (s if spectral else None), kernels.inv_sd(b)
 
 
 @functools.partial(jax.jit, static_argnames=("metrics", "width"))
 def _stage2(b, s, isd, *, metrics, width):
-    return _core.metric_matrices(b, s, isd, metrics=metrics, width=width)
+    return kernels.metric_matrices(b, s, isd, metrics=metrics, width=width)
 
 
-def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(metrics, str):
-        metrics = (metrics,)
-    metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise ValueError(f"expected metrics among {METRICS}, got {metrics}")
-    return metrics
+def check_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
+    """The requested metrics as distinct names among `METRICS`; errors name the unknown."""
+    return registry.check_names(metrics, allowed=METRICS)
+
+
+def is_spectral(metrics: Sequence[str]) -> bool:
+    """Whether any of ``metrics`` needs the per-network eigendecompositions."""
+    return any(registry.get(m).spectral for m in metrics)
 
 
 def compare_moments(
     m: stats.Moments,
     names: Sequence[str],
     *,
-    metrics: Sequence[str] = _DEFAULT,
+    metrics: Sequence[str] = registry.DEFAULT_METRICS,
     variance: float = 0.99,
     variance_rule: str = "below",
     rtol: float | None = None,
@@ -85,16 +75,18 @@ def compare_moments(
         metric name -> [K, K] NumPy array, entry [a, b] = metric(network a, network b)
         (x-centric metrics: a in terms of b).
     """
-    metrics = _check_metrics(metrics)
+    metrics = check_metrics(metrics)
     if "rbf_cka" in metrics:
         raise ValueError("rbf_cka needs raw activations: use compare(...)")
     if len(names) != len(m.sizes):
         raise ValueError(f"expected {len(m.sizes)} names, got {len(names)}")
-    spectral = bool(_SPECTRAL & set(metrics))
+    spectral = is_spectral(metrics)
     b, s, isd = _stage1(
         m, variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral
     )
-    _core.warn_degenerate(b.count, b.valid, b.real, rank_sensitive=spectral, names=tuple(names))
+    kernels.warn_degenerate(
+        b.count, b.valid, b.real, b.diag, rank_sensitive=spectral, names=tuple(names)
+    )
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
     out = _stage2(b, s, isd, metrics=metrics, width=width)
     return {k: np.asarray(v) for k, v in out.items()}
@@ -117,7 +109,7 @@ def _batches(networks, where):
 def compare(
     networks: Mapping[str, jax.Array] | Iterable[Mapping[str, jax.Array]],
     *,
-    metrics: Sequence[str] = _DEFAULT,
+    metrics: Sequence[str] = registry.DEFAULT_METRICS,
     where: jax.Array | None = None,
     variance: float = 0.99,
     variance_rule: str = "below",
@@ -142,7 +134,7 @@ def compare(
         (a, b), a == b included, for each metric; x-centric metrics (maxcorr, linreg, pwcca)
         give a's score in terms of b, symmetric ones are listed in both orders.
     """
-    metrics = _check_metrics(metrics)
+    metrics = check_metrics(metrics)
     names: list[str] | None = None
     m = None
     single = isinstance(networks, Mapping)

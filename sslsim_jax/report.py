@@ -1,18 +1,8 @@
 """Tables and figures from saved results: heatmaps, fine-tuning plots and ``report.html``.
 
-The report reads only the files a run leaves in its output directory (the pipeline writes them;
-nothing here runs a model):
-
-- ``similarities.csv``: ``model_a, layer_a, model_b, layer_b, metric, value`` and, when
-  bootstrapped, ``ci_low, ci_high``. Layers are strings: ``"0"`` … ``"L"`` (0 = transformer
-  input, i = output of block i) and ``"final"`` (final LayerNorm of pre-LN models), which
-  sorts after the numbers. Both orders of every pair are present.
-- ``attention_heads.csv`` (optional): ``model_a, layer_a, head_a, model_b, layer_b, head_b,
-  method, value``.
-- ``neurons.csv`` (optional): ``model_a, layer_a, neuron_a, model_b, layer_b,
-  matched_neuron_b, correlation``.
-- ``run.json``: models (name, path, config hash, …), fine-tune pairs, frame and utterance
-  counts, settings and versions.
+The report reads only the files a run leaves in its output directory, through
+`sslsim_jax.results` (their names, columns and validation live there); nothing here runs a
+model.
 
 Conventions of every matrix figure: rows (y axis) are the layers of ``model_a``, columns
 (x axis) the layers of ``model_b``, layer 0 at the top left as in the tables. The x-centric
@@ -25,6 +15,7 @@ through ``pyplot``, so no global figure state is kept between calls.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import json
@@ -32,9 +23,7 @@ import math
 import os
 import re
 import struct
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -44,6 +33,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from sslsim_jax import results as results_schema
+from sslsim_jax.metrics import registry
+from sslsim_jax.results import (
+    CI_COLUMNS,
+    Results,
+    ResultsError,
+    layer_order,
+    read_results,
+)
 
 __all__ = [
     "METRIC_INFO",
@@ -58,310 +57,23 @@ __all__ = [
     "read_results",
 ]
 
-SIMILARITY_COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "metric", "value")
-CI_COLUMNS = ("ci_low", "ci_high")
-HEAD_COLUMNS = ("model_a", "layer_a", "head_a", "model_b", "layer_b", "head_b", "method", "value")
-NEURON_COLUMNS = (
-    "model_a",
-    "layer_a",
-    "neuron_a",
-    "model_b",
-    "layer_b",
-    "matched_neuron_b",
-    "correlation",
-)
-# Grids up to this many rows and columns get their values written in the cells.
 ANNOTATE_MAX = 13
 _DPI = 120
 
 
-class MetricInfo(NamedTuple):
-    """How a metric is labelled and coloured.
-
-    Attributes:
-      label: human-readable name.
-      low: fixed lower end of the colour range, or None to extend to the data (down to 0 at
-        least).
-      high: fixed upper end of the colour range.
-      x_centric: the row network is described in terms of the column network (asymmetric).
-      distance: lower values mean more similar.
-    """
-
-    label: str
-    low: float | None
-    high: float
-    x_centric: bool
-    distance: bool = False
+# Labels, bounds and directions come from the metric registry; the report adds none of its own.
+METRIC_INFO = registry.METRICS
 
 
-METRIC_INFO: dict[str, MetricInfo] = {
-    "maxcorr": MetricInfo("max correlation", 0.0, 1.0, True),
-    "linreg": MetricInfo("linear regression √R²", 0.0, 1.0, True),
-    "svcca": MetricInfo("SVCCA", 0.0, 1.0, False),
-    "pwcca": MetricInfo("PWCCA", 0.0, 1.0, True),
-    "linear_cka": MetricInfo("linear CKA", 0.0, 1.0, False),
-    # The unbiased HSIC estimator can be slightly negative at small N.
-    "debiased_cka": MetricInfo("debiased CKA", None, 1.0, False),
-    "procrustes": MetricInfo("Procrustes distance", 0.0, 2.0, False, distance=True),
-    "rbf_cka": MetricInfo("RBF CKA", 0.0, 1.0, False),
-    # 1 − mean ‖A − B‖_F is unbounded below (sslsim_jax.metrics.attention).
-    "attention_fro": MetricInfo("attention 1 − Frobenius distance", None, 1.0, True),
-    "attention_pearson": MetricInfo("attention Pearson r", None, 1.0, True),
-    # 1 − JS divergence (natural log) lies in [1 − ln 2, 1].
-    "attention_js": MetricInfo("attention 1 − Jensen–Shannon", 1.0 - math.log(2.0), 1.0, True),
-}
-HEAD_METHOD_INFO: dict[str, MetricInfo] = {
-    "fro": METRIC_INFO["attention_fro"]._replace(label="1 − Frobenius distance"),
-    "pearson": METRIC_INFO["attention_pearson"]._replace(label="Pearson r"),
-    "js": METRIC_INFO["attention_js"]._replace(label="1 − Jensen–Shannon"),
-}
-
-
-def _info(metric: str) -> MetricInfo:
+def _info(metric: str) -> registry.Metric:
     # Unknown metrics are drawn with a data-driven range and labelled with their raw name.
-    return METRIC_INFO.get(metric, MetricInfo(metric, None, 1.0, True))
+    return METRIC_INFO.get(metric) or registry.Metric(metric, metric, "moments", True, low=None)
 
 
-def _direction(info: MetricInfo) -> str:
-    return "lower = more similar" if info.distance else "higher = more similar"
-
-
-class ResultsError(ValueError):
-    """A result file is missing or does not follow the file contract; the message names it."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-_LAYER = re.compile(r"^(0|[1-9][0-9]*)$")
-
-
-def _layer_key(layer: str) -> tuple[int, int, str]:
-    if _LAYER.match(layer):
-        return (0, int(layer), "")
-    if layer == "final":
-        return (1, 0, "")
-    return (2, 0, layer)
-
-
-def layer_order(layers: Iterable[str]) -> list[str]:
-    """Distinct layer names in network order: ``"0"``, ``"1"``, …, ``"10"``, then ``"final"``.
-
-    Args:
-      layers: layer names (strings), with repeats.
-
-    Returns:
-      The distinct names, numbers by value, ``"final"`` after them, anything else last.
-    """
-    return sorted(set(layers), key=_layer_key)
-
-
-@dataclass(frozen=True)
-class Results:
-    """The saved results of one run, as read by `read_results`.
-
-    Attributes:
-      out_dir: the output directory.
-      run: the parsed ``run.json``.
-      similarities: the tidy similarity table; model and layer columns are strings, ``value``
-        (and ``ci_low``, ``ci_high`` when present) floats.
-      attention_heads: the head-level table, or None when the run wrote none.
-      neurons: the neuron-level table, or None when the run wrote none.
-    """
-
-    out_dir: Path
-    run: dict[str, Any]
-    similarities: pd.DataFrame
-    attention_heads: pd.DataFrame | None = None
-    neurons: pd.DataFrame | None = None
-    models: list[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        names = [m["name"] for m in self.run["models"]]
-        object.__setattr__(self, "models", names)
-
-    @property
-    def frames(self) -> int | None:
-        """Valid frames pooled over all utterances, or None when run.json does not say."""
-        return self.run.get("frames")
-
-    @property
-    def finetune_pairs(self) -> list[tuple[str, str]]:
-        """(pre-trained, fine-tuned) model name pairs."""
-        return [(a, b) for a, b in self.run.get("finetune_pairs", [])]
-
-    @property
-    def has_ci(self) -> bool:
-        """Whether the similarity table carries bootstrap confidence intervals."""
-        return all(c in self.similarities.columns for c in CI_COLUMNS)
-
-
-def _read_csv(
-    path: Path,
-    columns: Sequence[str],
-    *,
-    text: Sequence[str],
-    numbers: Sequence[str],
-    integers: Sequence[str] = (),
-    optional_numbers: Sequence[str] = (),
-) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: not a readable CSV file ({e})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ResultsError(
-            f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(repr(c) for c in missing)} (has {list(frame.columns)})"
-        )
-    present_optional = [c for c in optional_numbers if c in frame.columns]
-    if present_optional and len(present_optional) != len(optional_numbers):
-        absent = [c for c in optional_numbers if c not in frame.columns]
-        raise ResultsError(
-            f"{path}: has column {present_optional[0]!r} but not {absent[0]!r} "
-            f"(confidence intervals need both)"
-        )
-    for c in text:
-        empty = frame.index[frame[c].str.strip() == ""]
-        if len(empty):
-            raise ResultsError(f"{path}: column {c!r} is empty in data row {empty[0] + 1}")
-    for c in (*numbers, *integers, *present_optional):
-        raw = frame[c].str.strip()
-        values = pd.to_numeric(raw, errors="coerce")
-        bad = values.isna() & ~raw.str.lower().isin(["", "nan"])
-        if c in integers:
-            bad |= values.isna() | (values != values.round())
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            kind = "an integer" if c in integers else "a number"
-            raise ResultsError(
-                f"{path}: column {c!r} expects {kind}, got {frame[c].iloc[i]!r} in data row {i + 1}"
-            )
-        frame[c] = values.astype(int) if c in integers else values.astype(float)
-    for c in ("layer_a", "layer_b"):
-        if c in frame.columns:
-            bad_layers = sorted({x for x in frame[c] if _layer_key(x)[0] == 2})
-            if bad_layers:
-                raise ResultsError(
-                    f"{path}: column {c!r} expects a layer number or 'final', got {bad_layers[0]!r}"
-                )
-    return frame
-
-
-def _check_unique(frame: pd.DataFrame, path: Path, key: Sequence[str]) -> None:
-    dup = frame.duplicated(list(key))
-    if dup.any():
-        row = frame[dup].iloc[0]
-        raise ResultsError(f"{path}: duplicate row for {', '.join(f'{k}={row[k]}' for k in key)}")
-
-
-def _check_models(frame: pd.DataFrame, path: Path, models: Sequence[str]) -> None:
-    for c in ("model_a", "model_b"):
-        unknown = sorted(set(frame[c]) - set(models))
-        if unknown:
-            raise ResultsError(
-                f"{path}: column {c!r} names model {unknown[0]!r}, which run.json does not "
-                f"list (models: {list(models)})"
-            )
-
-
-def _read_run(path: Path) -> dict[str, Any]:
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(run, dict):
-        raise ResultsError(f"{path}: expected a JSON object, got {type(run).__name__}")
-    models = run.get("models")
-    if models is None:
-        raise ResultsError(f"{path}: missing key 'models'")
-    if not isinstance(models, list) or not models:
-        raise ResultsError(f"{path}: key 'models' expects a non-empty list, got {models!r}")
-    for i, m in enumerate(models):
-        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
-            raise ResultsError(f"{path}: models[{i}] expects an object with a 'name', got {m!r}")
-    names = [m["name"] for m in models]
-    if len(set(names)) != len(names):
-        raise ResultsError(f"{path}: duplicate model names in 'models': {names}")
-    for i, pair in enumerate(run.get("finetune_pairs", [])):
-        if not (isinstance(pair, list | tuple) and len(pair) == 2 and set(pair) <= set(names)):
-            raise ResultsError(
-                f"{path}: finetune_pairs[{i}] expects [pre-trained, fine-tuned] model names "
-                f"from 'models' {names}, got {pair!r}"
-            )
-    frames = run.get("frames")
-    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)):
-        raise ResultsError(f"{path}: key 'frames' expects an integer, got {frames!r}")
-    for key, kind in (("utterances", list), ("settings", dict), ("versions", dict)):
-        if key in run and not isinstance(run[key], kind):
-            raise ResultsError(
-                f"{path}: key {key!r} expects a JSON {'array' if kind is list else 'object'}"
-            )
-    return run
-
-
-def read_results(out_dir: str | os.PathLike[str]) -> Results:
-    """Reads and validates the result files of one run.
-
-    Args:
-      out_dir: the run's output directory.
-
-    Returns:
-      The parsed `Results`.
-
-    Raises:
-      ResultsError: a required file (``run.json``, ``similarities.csv``) is missing, or any file
-        breaks the contract (missing column, non-numeric value, unknown layer or model name,
-        duplicate row, only one of ``ci_low``/``ci_high``); the message names file and column.
-    """
-    out = Path(out_dir)
-    if not out.is_dir():
-        raise ResultsError(f"{out}: not a directory")
-    run = _read_run(out / "run.json")
-    models = [m["name"] for m in run["models"]]
-
-    sim_path = out / "similarities.csv"
-    similarities = _read_csv(
-        sim_path,
-        SIMILARITY_COLUMNS,
-        text=("model_a", "layer_a", "model_b", "layer_b", "metric"),
-        numbers=("value",),
-        optional_numbers=CI_COLUMNS,
-    )
-    _check_models(similarities, sim_path, models)
-    _check_unique(similarities, sim_path, SIMILARITY_COLUMNS[:5])
-
-    heads = None
-    head_path = out / "attention_heads.csv"
-    if head_path.exists():
-        heads = _read_csv(
-            head_path,
-            HEAD_COLUMNS,
-            text=("model_a", "layer_a", "model_b", "layer_b", "method"),
-            numbers=("value",),
-            integers=("head_a", "head_b"),
-        )
-        _check_models(heads, head_path, models)
-        _check_unique(heads, head_path, HEAD_COLUMNS[:7])
-
-    neurons = None
-    neuron_path = out / "neurons.csv"
-    if neuron_path.exists():
-        neurons = _read_csv(
-            neuron_path,
-            NEURON_COLUMNS,
-            text=("model_a", "layer_a", "model_b", "layer_b"),
-            numbers=("correlation",),
-            integers=("neuron_a", "matched_neuron_b"),
-        )
-        _check_models(neurons, neuron_path, models)
-    return Results(out, run, similarities, heads, neurons)
+def _head_info(method: str) -> registry.Metric:
+    """An attention method's metric, labelled for head-level figures."""
+    info = _info(f"attention_{method}")
+    return dataclasses.replace(info, label=info.label.removeprefix("attention "))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +86,7 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _colour_range(info: MetricInfo, values: np.ndarray) -> tuple[float, float]:
+def _colour_range(info: registry.Metric, values: np.ndarray) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     low, high = info.low, info.high
     if low is None:
@@ -385,8 +97,8 @@ def _colour_range(info: MetricInfo, values: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
-def _cmap(info: MetricInfo) -> matplotlib.colors.Colormap:
-    cmap = matplotlib.colormaps["viridis_r" if info.distance else "viridis"]
+def _cmap(info: registry.Metric) -> matplotlib.colors.Colormap:
+    cmap = matplotlib.colormaps["viridis_r" if not info.higher_is_similar else "viridis"]
     return cmap.with_extremes(bad="#d9d9d9")
 
 
@@ -398,7 +110,7 @@ def _draw_matrix(
     ax: Any,
     matrix: np.ndarray,
     *,
-    info: MetricInfo,
+    info: registry.Metric,
     rows: Sequence[str],
     cols: Sequence[str],
     vrange: tuple[float, float],
@@ -503,7 +215,7 @@ def heatmap(
         fontsize=10,
     )
     bar = fig.colorbar(image, ax=ax, shrink=0.85, fraction=0.05)
-    bar.set_label(f"{info.label} ({_direction(info)})")
+    bar.set_label(f"{info.label} ({info.direction})")
     return fig
 
 
@@ -558,8 +270,8 @@ def finetune_plot(
     x = np.arange(len(layers))
     has_ci = all(c in pair.columns for c in CI_COLUMNS)
     groups = [
-        [m for m in metrics if not _info(m).distance],
-        [m for m in metrics if _info(m).distance],
+        [m for m in metrics if not (not _info(m).higher_is_similar)],
+        [m for m in metrics if (not _info(m).higher_is_similar)],
     ]
     groups = [g for g in groups if g]
     width = min(max(5.5 + 0.25 * len(layers), 7.0), 13.0)
@@ -580,7 +292,7 @@ def finetune_plot(
                     alpha=0.2,
                     linewidth=0,
                 )
-        distance = _info(group[0]).distance
+        distance = not _info(group[0]).higher_is_similar
         ax.set_ylabel("distance (lower = more similar)" if distance else "similarity")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
@@ -651,7 +363,7 @@ def attention_head_heatmap(
     matrix = _head_matrix(
         heads, model_a=model_a, layer_a=layer_a, model_b=model_b, layer_b=layer_b, method=method
     )
-    info = HEAD_METHOD_INFO.get(method, _info(method))
+    info = _head_info(method)
     fig = _new_figure(
         max(2.6 + 0.42 * matrix.shape[1], 5.2), max(1.9 + 0.42 * matrix.shape[0], 4.4)
     )
@@ -673,7 +385,7 @@ def attention_head_heatmap(
         fontsize=10,
     )
     fig.colorbar(image, ax=ax, shrink=0.85, fraction=0.05).set_label(
-        f"{info.label} ({_direction(info)})"
+        f"{info.label} ({info.direction})"
     )
     return fig
 
@@ -714,7 +426,7 @@ def attention_head_grid(
         raise ValueError(
             f"no same-layer attention head rows for method={method!r}, {model_a} vs {model_b}"
         )
-    info = HEAD_METHOD_INFO.get(method, _info(method))
+    info = _head_info(method)
     matrices = [
         _head_matrix(heads, model_a=model_a, layer_a=la, model_b=model_b, layer_b=la, method=method)
         for la in layers
@@ -738,7 +450,7 @@ def attention_head_grid(
     for ax in axes[len(layers) :]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes.tolist(), shrink=0.95, fraction=0.04).set_label(
-        f"{info.label} ({_direction(info)})", fontsize=8 if nrows == 1 else 10
+        f"{info.label} ({info.direction})", fontsize=8 if nrows == 1 else 10
     )
     fig.suptitle(
         f"Attention heads, same layer: {info.label} ({method})\n"
@@ -752,21 +464,6 @@ def attention_head_grid(
 # Report
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Writes through a temporary file in the same directory, then renames it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(fig: Figure, path: Path) -> tuple[int, int]:
     """Saves ``fig`` as PNG atomically; returns its (width, height) in pixels."""
     buffer = io.BytesIO()
@@ -774,7 +471,7 @@ def _save(fig: Figure, path: Path) -> tuple[int, int]:
     # equal-aspect axes' figure; the saved image always holds every label.
     fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)
     data = buffer.getvalue()
-    _atomic_write(path, lambda f: f.write(data))
+    results_schema.atomic_write(path, lambda f: f.write(data), binary=True)
     # PNG: 8-byte signature, IHDR length and type, then big-endian width and height.
     width, height = struct.unpack(">II", data[16:24])
     return width, height
@@ -928,7 +625,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
     """
     results = read_results(out_dir)
     out = results.out_dir
-    fig_dir = out / "figures"
+    fig_dir = out / results_schema.FIGURES
     fig_dir.mkdir(exist_ok=True)
     sim = results.similarities
     frames = results.frames
@@ -978,7 +675,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
         )
         parts = [
             f'<h2 id="{anchor}">{_esc(info.label)} (<code>{_esc(metric)}</code>)</h2>'
-            f"<p>{_esc(_direction(info).capitalize())}. {_esc(relation)}</p>"
+            f"<p>{_esc(info.direction.capitalize())}. {_esc(relation)}</p>"
             f'<div class="figures">'
         ]
         tables = []
@@ -986,7 +683,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
             caption = (
                 f"{info.label} between the layers of {a} (rows) and {b} (columns)"
                 + (", row in terms of column" if info.x_centric else "")
-                + f"; {_direction(info)}."
+                + f"; {info.direction}."
             )
             fig = heatmap(sim, metric=metric, model_a=a, model_b=b, frames=frames)
             parts.append(_figure_html(emit(fig, f"heatmap_{_slug(metric, a, b)}.png", caption)))
@@ -1011,11 +708,11 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
         )
         for method, a, b in keys:
             fig = attention_head_grid(heads, model_a=a, model_b=b, method=method, frames=frames)
-            info = HEAD_METHOD_INFO.get(method, _info(method))
+            info = _head_info(method)
             caption = (
                 f"Attention map similarity ({info.label}) of every head of {a} (rows) with "
                 f"every head of {b} (columns), "
-                f"same-numbered layers; {_direction(info)}."
+                f"same-numbered layers; {info.direction}."
             )
             parts.append(_figure_html(emit(fig, f"heads_{_slug(method, a, b)}.png", caption)))
         if not keys:
@@ -1048,8 +745,12 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
     )
-    path = out / "report.html"
-    _atomic_write(path, lambda f: f.write(page.encode("utf-8")))
+    path = out / results_schema.REPORT
+    results_schema.atomic_write(path, lambda f: f.write(page.encode("utf-8")), binary=True)
+    # Figures of an earlier run into the same directory are not this report's.
+    for stale in fig_dir.glob("*.png"):
+        if stale.name not in used:
+            stale.unlink(missing_ok=True)
     return str(path)
 
 

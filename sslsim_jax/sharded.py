@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from sslsim_jax import stats
 from sslsim_jax.distributed import DATA, STATS
-from sslsim_jax.metrics import _core
+from sslsim_jax.metrics import kernels
 
 __all__ = ["Layout", "init", "pairwise", "update", "update_replicates"]
 
@@ -206,12 +206,12 @@ def update_replicates(
     return _updater(mesh, m.sizes, True)(m, z, weights)
 
 
-def _local_blocks(m: stats.Moments, width: int, diag, valid, real) -> _core.Blocks:
-    """This device's row block as `_core.Blocks` [Ka, P, K, P] (inside ``shard_map``)."""
+def _local_blocks(m: stats.Moments, width: int, diag, valid, real) -> kernels.Blocks:
+    """This device's row block as `kernels.Blocks` [Ka, P, K, P] (inside ``shard_map``)."""
     k = len(m.sizes)
     ka = m.comoment.shape[0] // width
     rows = jax.lax.axis_index(STATS) * ka + jnp.arange(ka)
-    return _core.Blocks(
+    return kernels.Blocks(
         count=m.count,
         comoment=m.comoment.reshape(ka, width, k, width),
         valid=valid,
@@ -230,24 +230,24 @@ def _gather(x):
 def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
     k = len(m.sizes)
     partial = _local_blocks(m, width, None, None, real)
-    own = _core.own_blocks(partial)
+    own = kernels.own_blocks(partial)
     diag = _gather(jnp.diagonal(own, axis1=1, axis2=2))  # [K, P]
-    valid = _core.valid_neurons(m.count, m.mean.reshape(k, width), diag, real)
+    valid = kernels.valid_neurons(m.count, m.mean.reshape(k, width), diag, real)
     b = partial._replace(diag=diag, valid=valid)
-    norms = _gather(_core.own_sq(b))
+    norms = _gather(kernels.own_sq(b))
     s = None
     if spectral:
-        s = _core.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
+        s = kernels.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
         s = jax.tree.map(_gather, s)
     return diag, valid, norms, s
 
 
 def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons):
     b = _local_blocks(m, width, diag, valid, real)
-    isd = _core.inv_sd(b)
-    out = _core.metric_matrices(b, s, isd, metrics=metrics, width=cca_width, norms=norms)
+    isd = kernels.inv_sd(b)
+    out = kernels.metric_matrices(b, s, isd, metrics=metrics, width=cca_width, norms=norms)
     if neurons:
-        out["best"], out["matched"] = _core.neuron_best(b, isd)  # [Ka, P, K]
+        out["best"], out["matched"] = kernels.neuron_best(b, isd)  # [Ka, P, K]
     return out
 
 
@@ -271,16 +271,16 @@ def pairwise(
         mesh: a mesh whose ``"stats"`` axis has ``layout.shards`` devices.
         names: the K network names (warnings).
         metrics: names among `sslsim_jax.pairwise.METRICS` except "rbf_cka".
-        neurons: also return "best", "matched" [K, P, K] (as `_core.neuron_best`) and
+        neurons: also return "best", "matched" [K, P, K] (as `kernels.neuron_best`) and
             "valid" [K, P].
         variance, variance_rule, rtol: as in `sslsim_jax.pairwise.compare_moments`.
 
     Returns:
         metric name -> [K, K] NumPy array, as `sslsim_jax.pairwise.compare_moments`.
     """
-    from sslsim_jax.pairwise import _SPECTRAL, _check_metrics
+    from sslsim_jax.pairwise import check_metrics, is_spectral
 
-    metrics = _check_metrics(metrics)
+    metrics = check_metrics(metrics)
     if "rbf_cka" in metrics:
         raise ValueError("rbf_cka needs raw activations: use compare(...)")
     k, width = len(layout.sizes), layout.width
@@ -292,7 +292,7 @@ def pairwise(
     mesh = Mesh(mesh.devices[:1], mesh.axis_names, axis_types=mesh.axis_types)
     m = jax.device_put(m, shardings(m, mesh))
     real = jnp.asarray(layout.real)
-    spectral = bool(_SPECTRAL & set(metrics))
+    spectral = is_spectral(metrics)
     m_spec = _specs(m)
     stage1 = functools.partial(
         _stage1, width=width, spectral=spectral, rtol=rtol, variance=variance,
@@ -301,7 +301,9 @@ def pairwise(
     diag, valid, norms, s = jax.jit(
         jax.shard_map(stage1, mesh=mesh, in_specs=(m_spec, P()), out_specs=P(), check_vma=False)
     )(m, real)
-    _core.warn_degenerate(m.count, valid[:k], real[:k], rank_sensitive=spectral, names=tuple(names))
+    kernels.warn_degenerate(
+        m.count, valid[:k], real[:k], diag[:k], rank_sensitive=spectral, names=tuple(names)
+    )
     cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
     stage2 = functools.partial(
         _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons

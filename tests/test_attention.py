@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -16,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sslsim_jax.metrics import attention
+from tests.conftest import run_on_devices
 
 HA, HB = 12, 16  # different head counts on purpose
 LENGTHS = (9, 5, 1, 7, 0)  # one padded batch: full, short, T = 1, and an empty utterance
@@ -455,11 +453,7 @@ def test_device_merge_with_psum_equals_one_call():
         print("ok")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env.pop("JAX_ENABLE_X64", None)
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
+    out = run_on_devices(code, devices=4)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 

@@ -223,6 +223,53 @@ def test_text_file_of_paths(tmp_path):
     ]
 
 
+def test_symlinked_folders_are_followed_once(tmp_path):
+    write_tree(tmp_path / "corpus")
+    (tmp_path / "more" / "deep").mkdir(parents=True)
+    (tmp_path / "more" / "deep" / "m.wav").write_bytes(b"x")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "more", target_is_directory=True)
+    (tmp_path / "more" / "loop").symlink_to(tmp_path / "more", target_is_directory=True)
+    with pytest.warns(UserWarning, match="a symbolic link to .*more, which is already listed"):
+        got = audio.list_audio(tmp_path / "corpus")
+    rel = [os.path.relpath(p, tmp_path / "corpus") for p in got]
+    assert rel == ["a/b/c.ogg", "a/z.FLAC", "a-b.wav", "b.wav", "linked/deep/m.wav"]
+
+
+def test_mp3_is_audio_everywhere(tmp_path):
+    """Directory, named file and list file treat MP3 alike (soundfile reads it)."""
+    samples = np.sin(np.linspace(0, 300, 16000)).astype(np.float32) * 0.3
+    path = tmp_path / "d" / "x.mp3"
+    path.parent.mkdir()
+    soundfile.write(path, samples, 16000, format="MP3")
+    (tmp_path / "list.txt").write_text("d/x.mp3\n")
+    for source in (tmp_path / "d", path, tmp_path / "list.txt"):
+        (got,) = audio.list_audio(source)
+        assert os.path.samefile(got, path), source
+    assert audio.load_utterance(path).num_samples > 15000
+
+
+def test_non_regular_files_are_refused_without_reading(tmp_path):
+    with pytest.raises(AudioError, match="/dev/zero: not a regular file"):
+        audio.list_audio("/dev/zero")
+    (tmp_path / "list.txt").write_text("/dev/null\n")
+    with pytest.raises(AudioError, match="/dev/null: not a regular file"):
+        audio.list_audio(tmp_path / "list.txt")
+    (tmp_path / "binary.dat").write_bytes(b"\0\1\2" * 100)
+    with pytest.raises(AudioError, match="binary.dat: neither an audio file"):
+        audio.list_audio(tmp_path / "binary.dat")
+
+
+def test_list_file_with_byte_order_mark_and_latin1_names(tmp_path):
+    # b"caf\xe9.wav" is Latin-1, not valid UTF-8.
+    with open(os.fsencode(tmp_path) + b"/caf\xe9.wav", "wb") as f:
+        f.write(b"x")
+    with open(tmp_path / "list.txt", "wb") as f:
+        f.write(b"\xef\xbb\xbfcaf\xe9.wav\n")
+    (got,) = audio.list_audio(tmp_path / "list.txt")
+    assert os.fsencode(got) == os.fsencode(tmp_path) + b"/caf\xe9.wav"
+    assert audio.list_audio(tmp_path) == [got]
+
+
 def test_text_file_with_missing_entry(tmp_path):
     (tmp_path / "paths.lst").write_text("gone.wav\n")
     with pytest.raises(FileNotFoundError, match=r"gone\.wav.*listed in .*paths\.lst"):
@@ -435,11 +482,10 @@ def model_config(kernel, stride) -> ModelConfig:
 @pytest.mark.parametrize("conv", [BASE_CONV, SMALL_CONV, ODD_CONV])
 def test_frame_lengths_match_transformers_formula(conv):
     kernel, stride = conv
-    field = audio.receptive_field(kernel, stride)
     config = model_config(kernel, stride)
-    assert field == config.receptive_field
+    field = config.receptive_field
     lengths = np.array([0, 1, field - 1, field, field + 1, 16000, 16001, 160000 + 37])
-    got = audio.frame_lengths(lengths, kernel, stride)
+    got = config.frame_lengths(lengths)
 
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, [expected_frames(n, kernel, stride) for n in lengths])
@@ -449,8 +495,9 @@ def test_frame_lengths_match_transformers_formula(conv):
 
 def test_receptive_field_of_wav2vec2():
     # 400 samples (25 ms) and a 320-sample stride: the wav2vec 2.0 paper, section 2.
-    assert audio.receptive_field(*BASE_CONV) == 400
-    np.testing.assert_array_equal(audio.frame_lengths([16000, 400, 399], *BASE_CONV), [49, 1, 0])
+    config = model_config(*BASE_CONV)
+    assert config.receptive_field == 400 and config.frame_stride == 320
+    np.testing.assert_array_equal(config.frame_lengths([16000, 400, 399]), [49, 1, 0])
 
 
 @pytest.mark.parametrize("conv", [BASE_CONV, ODD_CONV])
@@ -462,24 +509,25 @@ def test_frame_lengths_equal_transformers_model_method(conv):
     fake = types.SimpleNamespace(
         config=types.SimpleNamespace(conv_kernel=kernel, conv_stride=stride, add_adapter=False)
     )
-    lengths = np.array([audio.receptive_field(kernel, stride), 4567, 16000, 48000 + 319])
+    config = model_config(kernel, stride)
+    lengths = np.array([config.receptive_field, 4567, 16000, 48000 + 319])
     expected = transformers.Wav2Vec2PreTrainedModel._get_feat_extract_output_lengths(
         fake, torch.tensor(lengths)
     )
-    np.testing.assert_array_equal(audio.frame_lengths(lengths, kernel, stride), expected.numpy())
+    np.testing.assert_array_equal(config.frame_lengths(lengths), expected.numpy())
 
 
 def test_frame_lengths_and_mask_under_jit():
-    kernel, stride = SMALL_CONV
+    config = model_config(*SMALL_CONV)
     lengths = np.array([1000, 50, 2345], np.int32)
 
     @jax.jit
     def frames_and_mask(lengths):
-        n = audio.frame_lengths(lengths, kernel, stride)
+        n = config.frame_lengths(lengths)
         return n, audio.frame_mask(n, 120)
 
     n, mask = frames_and_mask(jnp.asarray(lengths))
-    np.testing.assert_array_equal(n, audio.frame_lengths(lengths, kernel, stride))
+    np.testing.assert_array_equal(n, config.frame_lengths(lengths))
     np.testing.assert_array_equal(mask, audio.frame_mask(np.asarray(n), 120))
     assert mask.shape == (3, 120) and mask.dtype == jnp.bool_
     np.testing.assert_array_equal(mask.sum(axis=1), n)

@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import flax
 import jax
 import numpy as np
 import pytest
-
-import sslsim_jax
-from convert.hf import (
+from sslsim_jax.convert.hf import (
     DROPPED_PREFIXES,
     CheckpointError,
     convert_state_dict,
     read_state_dict,
 )
+
+import sslsim_jax
 from sslsim_jax.checkpoints import convert_directory, param_shapes
 from sslsim_jax.models import ModelConfig
 from tests import hf_models
@@ -78,19 +76,17 @@ def test_orbax_round_trip_is_bit_identical(ctc_dir, tmp_path):
     assert_same_outputs(outputs(hf, x), outputs(converted, x))
 
 
-def test_convert_command_line(base_dir, tmp_path):
+def test_convert_command_line(base_dir, tmp_path, capsys):
+    from sslsim_jax.cli import main
+
     dst = tmp_path / "cli"
-    run = subprocess.run(
-        [sys.executable, "-m", "convert", str(base_dir), str(dst)], capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
+    assert main(["convert", str(base_dir), str(dst)]) == 0
     assert (dst / "sslsim_jax.json").is_file()
-    again = subprocess.run(
-        [sys.executable, "-m", "convert", str(base_dir), str(dst)], capture_output=True, text=True
-    )
-    assert again.returncode == 1
-    assert "already holds converted params" in again.stderr
-    assert "Traceback" not in again.stderr
+    capsys.readouterr()
+    assert main(["convert", str(base_dir), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds converted params" in err
+    assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_legacy_bin_with_weight_g_v_and_no_prefix(ctc_dir, tmp_path):

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 
 from sslsim_jax import demo, distributed
+from sslsim_jax.analysis import AnalysisError, Settings, analyze
 from sslsim_jax.audio import demo_audio_paths
-from sslsim_jax.pipeline import AnalysisError, Settings, analyze
+from tests.conftest import fake_devices_env, run_on_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEECH = demo_audio_paths()
@@ -38,16 +39,6 @@ def _models():
         ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
         ("hubert", demo.demo_model("tiny_hubert", seed=1)),
     ]
-
-
-def run_python(code: str, *, devices: int, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter with ``devices`` fake CPU devices."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
-    )  # fmt: skip
 
 
 def read_table(path, keys=KEYS) -> pd.DataFrame:
@@ -87,9 +78,9 @@ def test_mesh_and_shardings():
     x = distributed.shard_batch(np.arange(6.0).reshape(3, 2), mesh)
     assert x.sharding == distributed.data_sharding(mesh)
     np.testing.assert_array_equal(np.asarray(x), np.arange(6.0).reshape(3, 2))
-    with pytest.raises(ValueError, match="--devices: expected 1 <= N <= 1"):
+    with pytest.raises(ValueError, match="^devices: expected 1 <= N <= 1"):
         distributed.make_mesh(2)
-    with pytest.raises(AnalysisError, match="--devices: expected >= 1, got 0"):
+    with pytest.raises(AnalysisError, match="^devices: expected >= 1, got 0"):
         Settings(devices=0)
 
 
@@ -113,7 +104,7 @@ def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat
         import jax
         from sslsim_jax import demo, distributed
         from sslsim_jax.audio import demo_audio_paths
-        from sslsim_jax.pipeline import Settings, analyze
+        from sslsim_jax.analysis import Settings, analyze
         assert jax.device_count() == 8, jax.devices()
         mesh = distributed.make_mesh(stat_shards={stat_shards})
         x = distributed.shard_batch(jax.numpy.zeros((8 // {stat_shards}, 3)), mesh)
@@ -139,7 +130,7 @@ def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat
         ours = table[table.metric == "linear_cka"].value.to_numpy()
         assert (again[again.metric == "linear_cka"].value.to_numpy() == ours).all()
         """
-    run = run_python(code, devices=8)
+    run = run_on_devices(code, devices=8)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_outputs(tmp_path / "d8", one_device)
 
@@ -210,8 +201,7 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
     """Runs ``code`` as processes 0 and 1 (``argv``: id, port) on localhost with ``devices``
     fake CPU devices each; each must print ``ok <id>``."""
     port = str(port or free_port())
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = fake_devices_env(devices)
     command = [sys.executable, "-c", textwrap.dedent(code)]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     procs = [subprocess.Popen([*command, str(pid), port], **pipes) for pid in (0, 1)]
@@ -234,7 +224,7 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
         import sys
         from sslsim_jax import demo, distributed
         from sslsim_jax.audio import demo_audio_paths
-        from sslsim_jax.pipeline import Settings, analyze
+        from sslsim_jax.analysis import Settings, analyze
         pid, port = int(sys.argv[1]), sys.argv[2]
         distributed.initialize(f"127.0.0.1:{{port}}", num_processes=2, process_id=pid,
                                timeout_seconds=60)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sslsim_jax import metrics, stats
+from sslsim_jax.metrics import kernels
 
 PROPS = settings(max_examples=10, deadline=None, derandomize=True)
 
@@ -317,8 +318,34 @@ def test_constant_neurons_warn():
         metrics.svcca(x, y)
     with pytest.warns(metrics.RankDeficiencyWarning, match="N=3"):
         metrics.linreg(x[:3], y[:3])
-    assert float(metrics.linear_cka(np.ones((5, 2)), y[:5])) == 0.0
-    assert float(metrics.procrustes(np.ones((5, 2)), y[:5])) == 2.0
+
+
+@pytest.mark.parametrize("name", sorted(set(REFERENCES) - {"rbf_cka"}))
+def test_all_constant_network_is_undefined_not_zero(name):
+    """A network with no varying neuron (a layer of silent audio) has no similarity: NaN with a
+    warning naming why, never a number that reads as 'dissimilar'."""
+    _, y = correlated(30, 4, 3, seed=0)
+    with pytest.warns(kernels.UndefinedSimilarityWarning, match="no varying neuron"):
+        assert np.isnan(float(score(name, np.ones((30, 2)), y)))
+    with pytest.warns(kernels.UndefinedSimilarityWarning):
+        assert np.isnan(float(score(name, y, np.full((30, 3), 7.0))))
+
+
+@pytest.mark.parametrize("name", sorted(set(REFERENCES) - {"rbf_cka"}))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_activations_are_an_error(name, bad):
+    x, y = correlated(30, 4, 3, seed=0)
+    x[7, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf activations in network 0"):
+        score(name, x, y)
+
+
+@pytest.mark.parametrize("name", sorted(set(REFERENCES) - {"rbf_cka"}))
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_frames_is_an_error(name, n):
+    x, y = correlated(30, 4, 3, seed=0)
+    with pytest.raises(ValueError, match=f"expected at least 2 frames, got {n}"):
+        score(name, x[:n], y[:n])
 
 
 def test_debiased_cka_small_n_negative_and_undefined():
@@ -332,7 +359,8 @@ def test_debiased_cka_small_n_negative_and_undefined():
             values.append(got)
         assert min(values) < 0  # unbiased HSIC of independent data: negative is kept, not NaN
         assert np.isnan(float(metrics.debiased_cka(x[:3], y[:3])))
-        assert float(metrics.debiased_cka(np.ones((6, 2)), y)) == 0.0
+        with pytest.warns(kernels.UndefinedSimilarityWarning):
+            assert np.isnan(float(metrics.debiased_cka(np.ones((6, 2)), y)))
 
 
 # ---------------------------------------------------------------- transforms

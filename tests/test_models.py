@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sslsim_jax
+import sslsim_jax.intermediates as intermediates_module
 from tests import hf_models
 from tests.hf_models import GROUP_POST_LN, LAYER_PRE_LN, TINY
 
@@ -176,15 +178,17 @@ def test_frame_counts_follow_transformers(built):
         assert model.intermediates(np.zeros((1, n), np.float32)).hidden_states.shape[2] == expected
 
 
-def test_no_recompile_for_same_padded_shape(built):
+def test_no_recompile_for_same_padded_shape(built, monkeypatch):
     path, _ = built("wav2vec2-group-postln")
     model = sslsim_jax.load_model(path)
+    # The jitted forward calls the module's `forward` each time it traces: at most 2 traces.
+    traced = chex.assert_max_traces(intermediates_module.forward, n=2)
+    monkeypatch.setattr(intermediates_module, "forward", traced)
     model.intermediates(hf_models.waveform(2000, 2, seed=0), np.array([2000, 1500]))
-    size = model._forward._cache_size()
-    model.intermediates(hf_models.waveform(2000, 2, seed=1), np.array([1200, 2000]))
-    assert model._forward._cache_size() == size
-    model.intermediates(hf_models.waveform(2000, 2, seed=1), attentions=True)
-    assert model._forward._cache_size() == size + 1
+    model.intermediates(hf_models.waveform(2000, 2, seed=1), np.array([1200, 2000]))  # same shape
+    model.intermediates(hf_models.waveform(2000, 2, seed=1), attentions=True)  # a new program
+    with pytest.raises(AssertionError, match="traced > 2 times"):
+        model.intermediates(hf_models.waveform(3000, 2, seed=1))
 
 
 def test_sow_exposes_intermediates_to_direct_module_users(built):

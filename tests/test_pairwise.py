@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sslsim_jax import metrics
+from sslsim_jax.metrics.kernels import UndefinedSimilarityWarning
 from sslsim_jax.pairwise import METRICS, compare
 
 
@@ -63,9 +64,11 @@ def test_streamed_batches_with_masks_equal_one_pass():
 def test_float32_default_and_constant_network_warns():
     nets = {k: v.astype(np.float32) for k, v in networks().items()}
     nets["dead"] = np.zeros((150, 4), np.float32)
-    with pytest.warns(metrics.ConstantNeuronWarning, match="dead: 4/4"):
+    with pytest.warns(UndefinedSimilarityWarning, match="no varying neuron in dead"):
         df = compare(nets)
-    assert np.isfinite(df.value).all()
+    dead = (df.network_a == "dead") | (df.network_b == "dead")
+    assert df.value[dead].isna().all()  # undefined, never 0
+    assert np.isfinite(df.value[~dead]).all()
     got = df.query("network_a == 'm:0' and network_b == 'm:1' and metric == 'linear_cka'")
     np.testing.assert_allclose(
         got.value.item(), float(metrics.linear_cka(nets["m:0"], nets["m:1"])), atol=1e-6
@@ -74,7 +77,7 @@ def test_float32_default_and_constant_network_warns():
 
 def test_errors():
     nets = networks()
-    with pytest.raises(ValueError, match="expected metrics among"):
+    with pytest.raises(ValueError, match="unknown metric.*cosine"):
         compare(nets, metrics=("cosine",))
     with pytest.raises(ValueError, match=r"expected m:1 of shape \[N, D\]"):
         compare({"m:0": nets["m:0"], "m:1": nets["m:1"][:10]})

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sslsim_jax import report
+from sslsim_jax import report, results
 
 # Two 4-layer models, post-LN (layers 0..4) and pre-LN (0..4 and "final"), plus a fine-tuned
 # copy of the post-LN one.
@@ -62,7 +62,7 @@ def _heads() -> pd.DataFrame:
                     for hb in range(HEADS):
                         value = 0.5 + offset + 0.1 * ha - 0.05 * hb + 0.01 * int(layer)
                         rows.append((a, layer, ha, b, layer, hb, method, value))
-    return pd.DataFrame(rows, columns=report.HEAD_COLUMNS)
+    return pd.DataFrame(rows, columns=results.HEAD_COLUMNS)
 
 
 def _run_info() -> dict:
@@ -100,7 +100,7 @@ def _write(out: Path, *, ci: bool = False, heads: bool = False) -> Path:
                 ("w2v-post", "1", 5, "hub-pre", "2", 9, 0.93),
                 ("w2v-post", "1", 6, "hub-pre", "2", 3, -0.4),
             ],
-            columns=report.NEURON_COLUMNS,
+            columns=results.NEURON_COLUMNS,
         )
         neurons.to_csv(out / "neurons.csv", index=False)
     return out
@@ -190,7 +190,7 @@ def test_heatmap_many_layers_is_readable_and_marks_missing_cells():
         for la in layers
         for lb in layers
     ]
-    table = pd.DataFrame(rows, columns=report.SIMILARITY_COLUMNS)
+    table = pd.DataFrame(rows, columns=results.SIMILARITY_COLUMNS)
     fig = report.heatmap(table, metric="linear_cka", model_a="big", model_b="big")
     ax = fig.axes[0]
     assert _labels(ax.get_xticklabels()) == layers
@@ -386,7 +386,7 @@ def test_rebuild_replaces_files_atomically(tmp_path):
 def test_model_names_with_the_same_slug_get_distinct_files(tmp_path):
     out = _write(tmp_path)
     rows = [(a, "0", b, "0", "linear_cka", 0.5) for a in ("m/x", "m x") for b in ("m/x", "m x")]
-    pd.DataFrame(rows, columns=report.SIMILARITY_COLUMNS).to_csv(
+    pd.DataFrame(rows, columns=results.SIMILARITY_COLUMNS).to_csv(
         out / "similarities.csv", index=False
     )
     (out / "run.json").write_text(json.dumps({"models": [{"name": "m/x"}, {"name": "m x"}]}))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from sslsim_jax import sharded
-from tests.test_distributed import run_python
+from tests.conftest import run_on_devices
 
 CODE = """
     import json
     import jax, jax.numpy as jnp, numpy as np
     from sslsim_jax import distributed, sharded, stats
-    from sslsim_jax.metrics import _core
+    from sslsim_jax.metrics import kernels
     from sslsim_jax.pairwise import compare_moments
 
     metrics = ("maxcorr", "linreg", "svcca", "pwcca", "linear_cka", "debiased_cka", "procrustes")
@@ -45,8 +45,8 @@ CODE = """
     ref = compare_moments(full, names, metrics=metrics)
     got = sharded.pairwise(m, layout, mesh, names, metrics=metrics, neurons=True)
     out["metrics"] = {k: float(np.abs(ref[k] - got[k]).max()) for k in metrics}
-    b = _core.blocks(full)
-    best, matched = _core.neuron_best(b, _core.inv_sd(b))
+    b = kernels.blocks(full)
+    best, matched = kernels.neuron_best(b, kernels.inv_sd(b))
     out["best"] = float(np.abs(np.asarray(best) - got["best"]).max())
     out["matched"] = bool((np.asarray(matched) == got["matched"]).all())
     out["valid"] = bool((np.asarray(b.valid) == got["valid"]).all())
@@ -75,7 +75,7 @@ CODE = """
 
 @pytest.fixture(scope="module")
 def result():
-    run = run_python(CODE, devices=8)
+    run = run_on_devices(CODE, devices=8)
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))
     return json.loads(line[len("RESULT") :])
@@ -114,9 +114,9 @@ def test_layout_and_mesh_errors():
     with pytest.raises(ValueError, match="expected 2 networks, got 1"):
         layout.pad([np.ones((3, 4))])
     from sslsim_jax import distributed
-    from sslsim_jax.pipeline import AnalysisError, Settings
+    from sslsim_jax.analysis import AnalysisError, Settings
 
-    with pytest.raises(ValueError, match="--stat-shards: expected a divisor of the 1 devices"):
+    with pytest.raises(ValueError, match="^stat_shards: expected a divisor of the 1 devices"):
         distributed.make_mesh(1, stat_shards=2)
-    with pytest.raises(AnalysisError, match="--stat-shards: expected >= 1, got 0"):
+    with pytest.raises(AnalysisError, match="^stat_shards: expected >= 1, got 0"):
         Settings(stat_shards=0)

@@ -1,8 +1,5 @@
 """Tests of sslsim_jax.stats against float64 NumPy references written here."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -14,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sslsim_jax import stats
+from tests.conftest import run_on_devices
 
 SIZES = (3, 5, 4)
 _update = jax.jit(stats.update)
@@ -211,11 +209,7 @@ _PSUM_SCRIPT = textwrap.dedent(
 
 
 def test_psum_over_fake_devices_equals_one_pass():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-c", _PSUM_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
+    out = run_on_devices(_PSUM_SCRIPT, devices=4)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok" in out.stdout
 

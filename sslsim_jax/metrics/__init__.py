@@ -5,7 +5,7 @@
 `procrustes`, each with a ``*_from_moments`` twin on `sslsim_jax.stats.Moments`.
 """
 
-from sslsim_jax.metrics._core import ConstantNeuronWarning, RankDeficiencyWarning
+from sslsim_jax.metrics.kernels import ConstantNeuronWarning, RankDeficiencyWarning
 from sslsim_jax.metrics.neuron import (
     NeuronMatch,
     correlations,

@@ -7,7 +7,7 @@ Conventions: x: [N, Dx] and y: [N, Dy] hold the activations of the same N frames
 Numerical method: the correlations are the centred co-moment block scaled by the neurons'
 standard deviations, all from `sslsim_jax.stats` (exact streaming statistics, float32 accurate
 to about 1e-5 even for |mean| / std = 1e4). A **constant neuron** (standard deviation below
-8 ulps of its scale, see `sslsim_jax.metrics._core`) has correlation 0 with everything: as an x
+8 ulps of its scale, see `sslsim_jax.metrics.kernels`) has correlation 0 with everything: as an x
 neuron it is excluded from the mean (``valid`` is False, ``matched`` is -1), as a y neuron it is
 never matched; a `ConstantNeuronWarning` is issued once per call (outside `jax.jit`). If no x
 neuron is valid the score is 0. Nothing is NaN for any N >= 1.
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from sslsim_jax import stats
-from sslsim_jax.metrics import _core
+from sslsim_jax.metrics import kernels
 
 __all__ = [
     "NeuronMatch",
@@ -71,10 +71,10 @@ def correlations(x: jax.Array, y: jax.Array, *, where: jax.Array | None = None) 
     Returns:
         [Dx, Dy] correlations; 0 in the rows and columns of constant neurons.
     """
-    x, y = _core.check_pair(x, y)
+    x, y = kernels.check_pair(x, y)
     m = _joint([x, y], where)
-    b = _core.blocks(m)
-    s = _core.inv_sd(b)
+    b = kernels.blocks(m)
+    s = kernels.inv_sd(b)
     dx, dy = m.sizes
     return (b.comoment[0, :, 1, :] * s[0][:, None] * s[1][None, :])[:dx, :dy]
 
@@ -89,25 +89,29 @@ def _others(y) -> tuple[list[jax.Array], bool]:
 
 @functools.partial(jax.jit, static_argnames=("reduce", "several"))
 def _neuron_match_impl(m: stats.Moments, reduce: str, several: bool):
-    b = _core.blocks(m)
-    best, matched = _core.neuron_best(b, _core.inv_sd(b))
+    b = kernels.blocks(m)
+    best, matched = kernels.neuron_best(b, kernels.inv_sd(b))
     dx = m.sizes[0]
     best = best[0, :dx, 1:]  # [Dx, M]
     matched = matched[0, :dx, 1:]
     valid = b.valid[0, :dx]
-    agg = jnp.max(best, axis=1) if reduce == "max" else jnp.min(best, axis=1)
+    # NaN marks an undefined match (a y network with no varying neuron): skipped when another
+    # y network has an answer, NaN when none has.
+    agg = jnp.nanmax(best, axis=1) if reduce == "max" else jnp.nanmin(best, axis=1)
     score = jnp.where(
-        jnp.any(valid), jnp.sum(jnp.where(valid, agg, 0)) / jnp.maximum(jnp.sum(valid), 1), 0
+        jnp.any(valid) & (b.count >= 2),
+        jnp.sum(jnp.where(valid, agg, 0)) / jnp.maximum(jnp.sum(valid), 1),
+        jnp.nan,
     )
     match = NeuronMatch(
         score=score, best=agg, matched=matched.T if several else matched[:, 0], valid=valid
     )
-    return match, b.count, b.valid, b.real
+    return match, b.count, b.valid, b.real, b.diag
 
 
 def _neuron_match(m: stats.Moments, reduce: str, several: bool) -> NeuronMatch:
-    match, count, valid, real = _neuron_match_impl(m, reduce, several)
-    _core.warn_degenerate(count, valid, real, rank_sensitive=False)
+    match, *checks = _neuron_match_impl(m, reduce, several)
+    kernels.warn_degenerate(*checks, rank_sensitive=False)
     return match
 
 
@@ -132,7 +136,7 @@ def maxcorr(
         `NeuronMatch` (score, best, matched, valid). Direction: x-centric.
     """
     ys, several = _others(y)
-    arrays = [_core.check_pair(x, yy)[1] for yy in ys]
+    arrays = [kernels.check_pair(x, yy)[1] for yy in ys]
     m = _joint([jnp.asarray(x), *arrays], where)
     return _neuron_match(m, "max", several)
 
@@ -155,7 +159,7 @@ def mincorr(
         `NeuronMatch`; ``matched`` holds the best neuron in each other network.
     """
     ys, several = _others(y)
-    arrays = [_core.check_pair(x, yy)[1] for yy in ys]
+    arrays = [kernels.check_pair(x, yy)[1] for yy in ys]
     m = _joint([jnp.asarray(x), *arrays], where)
     return _neuron_match(m, "min", several)
 

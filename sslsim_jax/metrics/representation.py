@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from sslsim_jax import stats
-from sslsim_jax.metrics import _core
+from sslsim_jax.metrics import kernels
 
 __all__ = [
     "linreg",
@@ -67,14 +67,14 @@ __all__ = [
 
 
 def _moments(x: jax.Array, y: jax.Array, where: jax.Array | None) -> stats.Moments:
-    x, y = _core.check_pair(x, y)
-    return _core.joint_pair(x, y, where)
+    x, y = kernels.check_pair(x, y)
+    return kernels.joint_pair(x, y, where)
 
 
-def _from_moments(m: stats.Moments, metric: str, rank_sensitive: bool, **options) -> jax.Array:
-    _core.check_two(m)
-    value, count, valid, real = _core.pair_metric(m, metric=metric, **options)
-    _core.warn_degenerate(count, valid, real, rank_sensitive=rank_sensitive)
+def _from_moments(m: stats.Moments, metric: str, spectral: bool, **options) -> jax.Array:
+    kernels.check_two(m)
+    value, *checks = kernels.pair_metric(m, metric=metric, spectral=spectral, **options)
+    kernels.warn_degenerate(*checks, rank_sensitive=spectral)
     return value
 
 
@@ -375,7 +375,7 @@ def rbf_cka(
     Returns:
         [] score in [0, 1]; 0 if a side is constant. Symmetric.
     """
-    x, y = _core.check_pair(x, y)
+    x, y = kernels.check_pair(x, y)
     return rbf_cka_matrix(
         [x, y], where=where, threshold=threshold, max_frames=max_frames, seed=seed
     )[0, 1]

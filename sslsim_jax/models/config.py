@@ -8,10 +8,25 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert")
 SUPPORTED_NORMS = ("group", "layer")
 # Names as transformers' ACT2FN spells them. "gelu" is the exact erf form.
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+
+
+def conv_output_length(lengths: Any, kernel: int, stride: int) -> Any:
+    """Valid outputs of a VALID strided conv over ``lengths`` inputs, as transformers computes
+    them, clipped at 0: ``max((L - k) // s + 1, 0)``. Works on ints, NumPy and JAX arrays (also
+    under ``jax.jit``). The one formula of the frame geometry: `ModelConfig.frame_lengths` and
+    the modules' conv stack use it."""
+    out = (lengths - kernel) // stride + 1
+    if isinstance(out, int):
+        return max(out, 0)
+    return (jnp if isinstance(out, jax.Array) else np).maximum(out, 0)
 
 
 class ConfigError(ValueError):
@@ -102,7 +117,8 @@ class ModelConfig:
 
     @property
     def receptive_field(self) -> int:
-        """Samples needed for one output frame of the conv feature encoder."""
+        """Samples needed for one output frame of the conv feature encoder (400 for wav2vec 2.0
+        and HuBERT: 25 ms)."""
         field, jump = 1, 1
         for k, s in zip(self.conv_kernel, self.conv_stride, strict=True):
             field += (k - 1) * jump
@@ -117,15 +133,28 @@ class ModelConfig:
             stride *= s
         return stride
 
-    def num_frames(self, num_samples: int) -> int:
-        """Frame count for ``num_samples`` valid samples, as transformers'
-        ``_get_feat_extract_output_lengths``; 0 if the input is shorter than the receptive field."""
-        n = int(num_samples)
+    def frame_lengths(self, lengths: Any) -> Any:
+        """Valid frames per utterance after the conv feature encoder.
+
+        transformers' ``_get_feat_extract_output_lengths``, ``(L - k) // s + 1`` per conv layer
+        (`conv_output_length`), except that an utterance shorter than the receptive field gets 0
+        frames (transformers would return a negative or meaningless count).
+
+        Args:
+            lengths: [B] valid samples: a ``jax.Array`` (also under ``jax.jit``) or array-like.
+
+        Returns:
+            [B] int32 frame counts, a ``jax.Array`` for ``jax.Array`` input, else ``np.ndarray``.
+        """
+        xp = jnp if isinstance(lengths, jax.Array) else np
+        n = xp.asarray(lengths).astype(xp.int32)
         for k, s in zip(self.conv_kernel, self.conv_stride, strict=True):
-            if n < k:
-                return 0
-            n = (n - k) // s + 1
+            n = conv_output_length(n, k, s)
         return n
+
+    def num_frames(self, num_samples: int) -> int:
+        """`frame_lengths` of one utterance of ``num_samples`` samples, as an int."""
+        return int(self.frame_lengths(np.asarray([int(num_samples)]))[0])
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> ModelConfig:

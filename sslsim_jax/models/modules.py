@@ -1,7 +1,7 @@
 """Flax (linen) Wav2Vec2 and HuBERT encoders, numerically equal to transformers' PyTorch models.
 
 The modules hold no parameters: params are a pytree passed to ``apply`` (see
-``convert.hf.convert_state_dict`` for the name map from PyTorch checkpoints). They run in
+``sslsim_jax.convert.hf.convert_state_dict`` for the name map from PyTorch checkpoints). They run in
 inference mode only (no dropout, no SpecAugment masking).
 
 Every layer's hidden state and attention probabilities are recorded with ``self.sow`` into the
@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sslsim_jax.models.config import ModelConfig
+from sslsim_jax.models.config import ModelConfig, conv_output_length
 
 Dtype = Any
 
@@ -47,11 +47,6 @@ def activation(name: str):
     if name in ("silu", "swish"):
         return jax.nn.silu
     raise ValueError(f"unsupported activation {name!r}")
-
-
-def conv_output_lengths(lengths: jax.Array, kernel: int, stride: int) -> jax.Array:
-    """Valid output frames of a VALID strided conv, as transformers computes them (clipped at 0)."""
-    return jnp.maximum((lengths - kernel) // stride + 1, 0)
 
 
 class MaskedGroupNorm(nn.Module):
@@ -134,7 +129,7 @@ class FeatureEncoder(ConfiguredModule):
                 **self.settings,
                 name=f"conv_layers_{i}_conv",
             )(x)
-            lengths = conv_output_lengths(lengths, k, s)
+            lengths = conv_output_length(lengths, k, s)
             if cfg.feat_extract_norm == "group" and i == 0:
                 mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
                 x = MaskedGroupNorm(param_dtype=self.param_dtype, name=f"conv_layers_{i}_norm")(

@@ -144,6 +144,22 @@ def valid_neurons(count: jax.Array, mean: jax.Array, diag: jax.Array, real) -> j
     return jnp.asarray(real) & (diag > (_CONSTANT_ULPS * eps) ** 2 * scale) & (diag > 0)
 
 
+def defined(b: Blocks) -> jax.Array:
+    """[K] networks whose similarities are defined: at least 2 frames and one varying neuron.
+
+    A pair with an undefined network gets NaN in every metric, never a number: an all-constant
+    network (e.g. a layer of all-silent audio) has no correlation, regression or subspace to
+    compare, and a 0 there would read as "dissimilar".
+    """
+    return jnp.any(b.valid, axis=1) & (b.count >= 2)
+
+
+def _pairs_defined(b: Blocks, values: jax.Array) -> jax.Array:
+    """[Ka, K] ``values`` where both networks are `defined`, NaN elsewhere."""
+    ok = defined(b)
+    return jnp.where(ok[b.rows][:, None] & ok[None, :], values, jnp.nan)
+
+
 def own_blocks(b: Blocks) -> jax.Array:
     """[Ka, P, P] each row network's own (diagonal) co-moment block."""
     return b.comoment[jnp.arange(b.comoment.shape[0]), :, b.rows, :]
@@ -205,30 +221,31 @@ def _masked_mean(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
 
 
 def neuron_best(b: Blocks, isd: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """best[a, i, b] = max_j |r(a_i, b_j)| and its argmax j (-1 if none): [Ka, P, K] each."""
+    """best[a, i, b] = max_j |r(a_i, b_j)| and its argmax j: [Ka, P, K] each; NaN and -1 where
+    a_i is constant or padding, or b has no varying neuron (undefined, not "uncorrelated")."""
     corr = b.comoment * isd[b.rows][:, :, None, None] * isd[None, None, :, :]
     corr = jnp.abs(corr)
     best = jnp.max(corr, axis=3)
     matched = jnp.argmax(corr, axis=3).astype(jnp.int32)
     has = b.valid[b.rows][:, :, None] & jnp.any(b.valid, axis=1)[None, None, :]
-    return jnp.where(has, best, 0), jnp.where(has, matched, -1)
+    return jnp.where(has, best, jnp.nan), jnp.where(has, matched, -1)
 
 
 def maxcorr_all(b: Blocks, isd: jax.Array) -> jax.Array:
     """[Ka, K] mean over valid neurons of a of their best |r| in b."""
     best, _ = neuron_best(b, isd)
-    return _masked_mean(best, b.valid[b.rows][:, :, None], axis=1)
+    return _pairs_defined(b, _masked_mean(best, b.valid[b.rows][:, :, None], axis=1))
 
 
 def linear_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
-    """[Ka, K] ‖C_ab‖²_F / (‖C_aa‖_F ‖C_bb‖_F), 0 where a network has no variance.
+    """[Ka, K] ‖C_ab‖²_F / (‖C_aa‖_F ‖C_bb‖_F), NaN where a network has no variance.
 
     ``norms``: [K] `own_sq` of every network (default: from ``b``, which must hold all rows).
     """
     sq = jnp.sum(b.comoment**2, axis=(1, 3))  # [Ka, K]
     d = own_sq(b) if norms is None else norms
     den = jnp.sqrt(d[b.rows][:, None] * d[None, :])
-    return jnp.where(den > 0, sq / jnp.where(den > 0, den, 1), 0)
+    return jnp.where(den > 0, sq / jnp.where(den > 0, den, 1), jnp.nan)
 
 
 def debiased_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
@@ -250,7 +267,7 @@ def debiased_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
     d = hsic(own_sq(b) if norms is None else norms, jnp.diagonal(b.row_gram), tr, tr)  # [K]
     ok = (d[b.rows][:, None] > 0) & (d[None, :] > 0)
     den = jnp.sqrt(jnp.where(ok, d[b.rows][:, None] * d[None, :], 1))
-    out = jnp.where(ok, cross / den, 0)
+    out = jnp.where(ok, cross / den, jnp.nan)
     return jnp.where(n > 3, out, jnp.nan)
 
 
@@ -260,7 +277,7 @@ def linreg_all(b: Blocks, s: Spectra) -> jax.Array:
     proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=stats.matmul_precision())
     proj = proj * s.inv_sd[b.rows][:, :, None, None]
     r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [Ka, P, K]
-    return _masked_mean(jnp.sqrt(r2), b.valid[b.rows][:, :, None], axis=1)
+    return _pairs_defined(b, _masked_mean(jnp.sqrt(r2), b.valid[b.rows][:, :, None], axis=1))
 
 
 def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -315,11 +332,11 @@ def cca_all(
     """
     ia, ib = pair_index(b.valid.shape[0])
     sv, pw_ab, pw_ba = _cca_pairs(b, s, ia, ib, width=width, pwcca=pwcca, both=True)
-    eye = jnp.diag(jnp.where(s.kept > 0, 1.0, 0.0).astype(sv.dtype))
-    svcca = eye.at[ia, ib].set(sv).at[ib, ia].set(sv)
+    eye = jnp.diag(jnp.ones_like(s.kept, sv.dtype))
+    svcca = _pairs_defined(b, eye.at[ia, ib].set(sv).at[ib, ia].set(sv))
     if not pwcca:
         return svcca, None
-    return svcca, eye.at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba)
+    return svcca, _pairs_defined(b, eye.at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba))
 
 
 def _row_pairs(b: Blocks) -> tuple[np.ndarray, np.ndarray, jax.Array]:
@@ -335,10 +352,11 @@ def cca_rows(
     """`cca_all` for a row block: [Ka, K] rows, one SVD per (row network, network) pair."""
     ia, ib, self_pair = _row_pairs(b)
     sv, pw_ab, _ = _cca_pairs(b, s, ia, ib, width=width, pwcca=pwcca, both=False)
-    one = jnp.where(s.kept[b.rows] > 0, 1.0, 0.0).astype(sv.dtype)[:, None]
     shape = self_pair.shape
-    svcca = jnp.where(self_pair, one, sv.reshape(shape))
-    return svcca, None if pw_ab is None else jnp.where(self_pair, one, pw_ab.reshape(shape))
+    svcca = _pairs_defined(b, jnp.where(self_pair, 1.0, sv.reshape(shape)))
+    if pw_ab is None:
+        return svcca, None
+    return svcca, _pairs_defined(b, jnp.where(self_pair, 1.0, pw_ab.reshape(shape)))
 
 
 def _procrustes(b: Blocks, ia: np.ndarray, ib: np.ndarray) -> jax.Array:
@@ -346,14 +364,14 @@ def _procrustes(b: Blocks, ia: np.ndarray, ib: np.ndarray) -> jax.Array:
     tr = jnp.sum(b.diag, axis=1)  # [K]
     nuc = jnp.sum(jnp.linalg.svd(b.comoment[ia, :, ib, :], compute_uv=False), axis=1)
     den = jnp.sqrt(tr[b.rows[ia]] * tr[ib])
-    return jnp.where(den > 0, 2 - 2 * nuc / jnp.where(den > 0, den, 1), 2.0)
+    return jnp.where(den > 0, 2 - 2 * nuc / jnp.where(den > 0, den, 1), jnp.nan)
 
 
 def procrustes_all(b: Blocks) -> jax.Array:
-    """[K, K] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb); 2 where a network has no variance."""
+    """[K, K] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb); NaN where a network has no variance."""
     ia, ib = pair_index(b.valid.shape[0])
     dist = _procrustes(b, ia, ib)
-    self_dist = jnp.where(jnp.sum(b.diag, axis=1) > 0, 0.0, 2.0).astype(dist.dtype)
+    self_dist = jnp.where(jnp.sum(b.diag, axis=1) > 0, 0.0, jnp.nan).astype(dist.dtype)
     return jnp.diag(self_dist).at[ia, ib].set(dist).at[ib, ia].set(dist)
 
 
@@ -361,7 +379,7 @@ def procrustes_rows(b: Blocks) -> jax.Array:
     """`procrustes_all` for a row block: [Ka, K] rows."""
     ia, ib, self_pair = _row_pairs(b)
     dist = _procrustes(b, ia, ib).reshape(self_pair.shape)
-    self_dist = jnp.where(jnp.sum(b.diag, axis=1)[b.rows] > 0, 0.0, 2.0).astype(dist.dtype)
+    self_dist = jnp.where(jnp.sum(b.diag, axis=1)[b.rows] > 0, 0.0, jnp.nan).astype(dist.dtype)
     return jnp.where(self_pair, self_dist[:, None], dist)
 
 
@@ -398,36 +416,62 @@ def is_traced(*arrays) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
 
 
+class UndefinedSimilarityWarning(UserWarning):
+    """A network has no varying neuron: its similarities are NaN (undefined), not 0."""
+
+
 def warn_degenerate(
     count: jax.Array,
     valid: jax.Array,
     real: jax.Array,
+    diag: jax.Array,
     *,
     rank_sensitive: bool,
     names: tuple[str, ...] | None = None,
 ) -> None:
-    """Warn (once per call, outside jit only) about constant neurons and N <= D.
+    """Check the statistics outside jit: errors for what has no answer, warnings for what is
+    excluded or undefined (once per call; nothing under jit, where values are NaN instead).
 
     Args:
-        count: [] frame count; valid, real: [K, P] masks of `Blocks`.
+        count: [] frame count; valid, real: [K, P] masks of `Blocks`; diag: [K, P] co-moment
+            diagonal (non-finite when an activation was NaN or Inf).
         rank_sensitive: also warn when N <= D (whitening-based metrics).
-        names: K network names for the message.
+        names: K network names for the messages.
+
+    Raises:
+        ValueError: fewer than 2 frames (no variance is defined), or NaN/Inf activations in a
+            network (named): a similarity of them would be meaningless.
     """
-    if is_traced(count, valid, real):
+    if is_traced(count, valid, real, diag):
         return
     names = names or tuple(f"network {i}" for i in range(valid.shape[0]))
+    n = float(count)
+    if not n >= 2:
+        raise ValueError(
+            f"expected at least 2 frames, got {n:g}: similarities of fewer frames are undefined"
+        )
+    finite = np.asarray(jnp.all(jnp.isfinite(jnp.where(real, diag, 0)), axis=1))
+    if not finite.all():
+        bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
+        raise ValueError(f"NaN or Inf activations in {', '.join(bad)}: no similarity is defined")
     const = np.asarray(jnp.sum(real & ~valid, axis=1))
     widths = np.asarray(jnp.sum(real, axis=1))
-    if const.any():
-        detail = ", ".join(
-            f"{n}: {c}/{w}" for n, c, w in zip(names, const, widths, strict=True) if c
+    empty = [name for name, c, w in zip(names, const, widths, strict=True) if c == w]
+    if empty:
+        warnings.warn(
+            f"no varying neuron in {', '.join(empty)}: its similarities are NaN (undefined); "
+            "is the audio silent or the layer dead?",
+            UndefinedSimilarityWarning,
+            stacklevel=3,
         )
+    partly = [(name, c, w) for name, c, w in zip(names, const, widths, strict=True) if 0 < c < w]
+    if partly:
+        detail = ", ".join(f"{name}: {c}/{w}" for name, c, w in partly)
         warnings.warn(
             f"constant neurons excluded ({detail}); they count in no neuron mean and match nothing",
             ConstantNeuronWarning,
             stacklevel=3,
         )
-    n = float(count)
     if rank_sensitive and (widths >= n).any():
         warnings.warn(
             f"N={n:g} frames <= D={int(widths.max())} neurons: co-moments are rank deficient; "
@@ -440,29 +484,23 @@ def warn_degenerate(
 joint_pair = jax.jit(lambda x, y, where: stats.joint_moments([x, y], where=where))
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "rtol", "variance", "variance_rule"))
+@functools.partial(
+    jax.jit, static_argnames=("metric", "spectral", "rtol", "variance", "variance_rule")
+)
 def pair_metric(
     m: stats.Moments,
     *,
     metric: str,
+    spectral: bool,
     rtol: float | None = None,
     variance: float = 0.99,
     variance_rule: str = "below",
 ):
-    """Value [] of one metric for networks (0, 1) of m, with the masks needed for warnings."""
+    """Value [] of one metric for networks (0, 1) of m, with the masks needed for warnings.
+
+    The same dispatch as `compare` (`metric_matrices` with K = 2 and every eigen-direction).
+    """
     b = blocks(m)
-    if metric == "linreg":
-        value = linreg_all(b, spectra(b, rtol=rtol))
-    elif metric in ("svcca", "pwcca"):
-        s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
-        sv, pw = cca_all(b, s, width=b.valid.shape[1], pwcca=metric == "pwcca")
-        value = sv if metric == "svcca" else pw
-    elif metric == "linear_cka":
-        value = linear_cka_all(b)
-    elif metric == "debiased_cka":
-        value = debiased_cka_all(b)
-    elif metric == "procrustes":
-        value = procrustes_all(b)
-    else:
-        raise ValueError(f"unknown metric {metric!r}")
-    return value[0, 1], b.count, b.valid, b.real
+    s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
+    value = metric_matrices(b, s, inv_sd(b), metrics=(metric,), width=b.valid.shape[1])[metric]
+    return value[0, 1], b.count, b.valid, b.real, b.diag

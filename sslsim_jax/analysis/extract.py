@@ -1,0 +1,213 @@
+"""Extraction: every model over the audio, batch by batch, into the joint statistics.
+
+Each batch's hidden states (valid frames only, the same frames in every model) are placed side
+by side and folded into one set of joint streaming statistics (`sslsim_jax.stats.Moments`);
+attention maps, when asked, fold into head-pair sums (`sslsim_jax.metrics.attention`). No
+activation outlives its batch.
+
+Confidence intervals (``bootstrap > 0``): a Poisson bootstrap over utterances. Replicate r
+weights every frame of utterance u by w[u, r] ~ Poisson(1), drawn from ``(seed, u)`` so the
+weights do not depend on batching or resumption; each replicate keeps its own statistics.
+
+Devices: every padded batch [B, S] is split over the ``"data"`` axis of a mesh
+(`sslsim_jax.distributed`), B rounded up to a multiple of the device count with silent
+utterances that have a valid length but weight 0 (they enter no statistic, attention sum, frame
+count or NaN check); the jitted statistics update reduces across devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslsim_jax import audio, distributed, sharded, stats
+from sslsim_jax.analysis import state as state_lib
+from sslsim_jax.analysis.inputs import PAD_MULTIPLE, PAD_STEPS, poisson_weights
+from sslsim_jax.analysis.networks import ModelEntry, network_sizes
+from sslsim_jax.analysis.settings import AnalysisError, Settings
+from sslsim_jax.analysis.state import State
+from sslsim_jax.metrics import attention as attn
+
+
+def run_mesh(settings: Settings) -> jax.sharding.Mesh:
+    """This process's mesh for the run's ``devices`` and ``stat_shards``."""
+    return distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
+
+
+def _update(m: stats.Moments, z: jax.Array, where: jax.Array) -> stats.Moments:
+    return stats.update(m, z, where=where)
+
+
+def _update_replicates(m: stats.Moments, z: jax.Array, weights: jax.Array) -> stats.Moments:
+    return jax.vmap(lambda mr, w: stats.update(mr, z, where=w))(m, weights)
+
+
+@functools.cache
+def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+    """The jitted statistics updates for ``mesh``: frames z [B*T, ΣD] arrive split over
+    ``"data"`` and the statistics leave replicated, so XLA reduces across devices."""
+    out = distributed.replicated(mesh)
+    return jax.jit(_update, out_shardings=out), jax.jit(_update_replicates, out_shardings=out)
+
+
+def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequence[str]) -> None:
+    # One device computation and one transfer for all kept layers: [layers, B, T].
+    finite = jnp.stack(
+        [jnp.all(jnp.isfinite(entry.hidden(out, label).astype(jnp.float32)), axis=-1)
+         for label in entry.layers]
+    )  # fmt: skip
+    bad = ~np.asarray(finite) & mask
+    if bad.any():
+        layer, u, _ = np.argwhere(bad)[0]  # first layer, then first utterance
+        raise AnalysisError(
+            f"model {entry.name}: NaN or Inf in layer {entry.layers[layer]} for utterance "
+            f"{batch_paths[u]}"
+        )
+
+
+def _memory_limit(device) -> tuple[int, str]:
+    """(bytes, description) of the memory one device of the mesh can use."""
+    stats_ = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats_ and stats_.get("bytes_limit"):
+        return int(stats_["bytes_limit"]), f"{device.device_kind} {device.platform} device"
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cpus = sum(d.platform == "cpu" for d in jax.local_devices())
+    return ram // max(cpus, 1), "host memory per CPU device"
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
+    """Fails early, naming the settings to change, when the joint statistics cannot fit.
+
+    Estimate per device, float32: 4·D²/S bytes per copy of the statistics (1 + bootstrap
+    copies) and about 3 more copies' worth of temporaries (the batch's rows, the merge, the
+    metrics' block-sized arrays); D = the statistics' width (padded when sharded).
+    """
+    shards = settings.stat_shards
+    width = sum(sharded.Layout(tuple(sizes), shards).padded_sizes if shards > 1 else sizes)
+    need = 4 * width**2 * (1 + settings.bootstrap + 3) / shards
+    limit, what = _memory_limit(mesh.devices.flat[0])
+    if need > limit:
+        raise AnalysisError(
+            f"the joint statistics of {len(sizes)} networks ({width} neurons) with "
+            f"--bootstrap {settings.bootstrap} need about {_size(need)} per device, more "
+            f"than the {_size(limit)} of {what}: keep fewer --layers, lower --bootstrap, "
+            f"or split them over devices with --stat-shards (now {shards})"
+        )
+
+
+def extract(
+    entries: Sequence[ModelEntry],
+    utterances: Sequence[audio.Utterance],
+    settings: Settings,
+    *,
+    state_path: str | None = None,
+    progress: bool = True,
+    ids: Sequence[int] | None = None,
+) -> State:
+    """Runs every model over the audio and accumulates the statistics (resumably).
+
+    Batches are split over ``settings.devices`` devices of this process (see the module
+    docstring). ``ids``: each utterance's index in the full list, which seeds its bootstrap
+    weights (default: its position in ``utterances``).
+    """
+    from tqdm.auto import tqdm
+
+    ids = range(len(utterances)) if ids is None else ids
+    mesh = run_mesh(settings)
+    multiple = distributed.batch_multiple(mesh)
+    sizes = network_sizes(entries)
+    if settings.stat_shards > 1:
+        layout = sharded.Layout(sizes, settings.stat_shards)
+        join = layout.pad
+        update = functools.partial(sharded.update, mesh=mesh)
+        update_replicates = functools.partial(sharded.update_replicates, mesh=mesh)
+    else:
+        join = functools.partial(jnp.concatenate, axis=1)
+        update, update_replicates = _updaters(mesh)
+    # Params placed once per run on every device of the mesh (the caller's models keep theirs).
+    replicated = distributed.replicated(mesh)
+    entries = [dataclasses.replace(e, model=e.model.placed(replicated)) for e in entries]
+    field = max(e.model.config.receptive_field for e in entries)
+
+    check_memory(sizes, settings, mesh)
+    state = state_lib.init_state(sizes, settings, entries, mesh)
+    if state_path:
+        state = state_lib.load_checkpoint(state_path, state)
+    lengths = [len(u.samples) for u in utterances]
+    batches = audio.make_batches(
+        lengths, batch_seconds=settings.batch_seconds, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS
+    )
+    seconds = [sum(lengths[i] for i in b) / 16000 for b in batches]
+    bar = tqdm(
+        total=round(sum(seconds), 1),
+        initial=round(sum(seconds[: state.done]), 1),
+        unit="s",
+        desc="extracting (audio seconds)",
+        disable=not progress,
+    )
+    last = time.monotonic()
+    for index, batch in enumerate(batches):
+        if index < state.done:
+            continue
+        paths = [utterances[i].path for i in batch]
+        # Silent dummies fill the batch to a multiple of the device count: a valid length (one
+        # receptive field), weight 0 everywhere below.
+        dummies = -len(batch) % multiple
+        waves = [utterances[i].samples for i in batch] + [np.zeros(field, np.float32)] * dummies
+        real = np.arange(len(waves)) < len(batch)  # [B]
+        columns, mask, maps = [], None, {}
+        for entry in entries:
+            padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS)
+            if entry.normalize:
+                padded = audio.normalize(padded, lens)
+            out = entry.model.intermediates(
+                distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
+            )
+            frame_mask = np.asarray(out.frame_mask) & real[:, None]  # [B, T]
+            _check_finite(entry, out, frame_mask, paths)
+            mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
+            for label in entry.layers:
+                h = entry.hidden(out, label)
+                columns.append(h.reshape(-1, h.shape[-1]))  # [B, T, D] -> [B*T, D]
+            if settings.attention:
+                a = out.attentions  # [L, B, H, T, T] -> [B, L*H, T, T]
+                maps[entry.name] = jnp.swapaxes(a, 0, 1).reshape(
+                    a.shape[1], a.shape[0] * a.shape[2], *a.shape[3:]
+                )
+                # Dummies get 0 frames: they add nothing to any sum, only to ``skipped``.
+                frame_lengths = jnp.where(jnp.asarray(real), out.frame_lengths, 0)
+        z = join(columns)  # [B*T, ΣD] (padded layout when sharded)
+        state.moments = update(state.moments, z, jnp.asarray(mask))
+        if state.replicates is not None:
+            w = np.stack(
+                [poisson_weights(settings.seed, ids[i], settings.bootstrap) for i in batch]
+            )
+            w = np.pad(w, ((0, dummies), (0, 0)))  # [B, R]
+            t = len(mask) // len(waves)
+            frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
+            state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
+        for (a, b, method), s in state.heads.items():
+            s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
+            state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
+        state.frames += int(mask.sum())
+        state.done = index + 1
+        bar.update(round(seconds[index], 1))
+        bar.set_postfix(utterances=sum(len(b) for b in batches[: index + 1]))
+        now = time.monotonic()
+        final = index == len(batches) - 1
+        if state_path and (final or now - last >= settings.checkpoint_seconds):
+            state_lib.save_checkpoint(state_path, state)
+            last = now
+    bar.close()
+    return state_lib.fetch(state)

@@ -1,0 +1,80 @@
+"""The analysis's inputs: the audio list, each process's share, batches and bootstrap weights.
+
+Every model must see the same frames: utterances shorter than the models' receptive field are
+dropped (with a warning), and models whose conv stacks disagree on an utterance's frame count
+are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sslsim_jax import audio
+from sslsim_jax.analysis.networks import ModelEntry
+from sslsim_jax.analysis.settings import AnalysisError, Settings
+
+# Padded lengths are rounded up on a grid (`audio.padded_length`): multiples of 0.25 s up to
+# 4 s, then of 0.5 s up to 8 s, and so on (at most 12.5 % padding above 4 s), so batches of
+# similar lengths share one compiled shape: each new shape costs a compilation (10-60 s on a
+# GPU).
+PAD_MULTIPLE = 4000
+
+
+PAD_STEPS = 16
+
+
+def load_audio(
+    source: Any,
+    entries: Sequence[ModelEntry],
+    settings: Settings,
+    *,
+    shard: tuple[int, int] = (0, 1),
+) -> list[audio.Utterance]:
+    """Loads, crops and filters the utterances; checks every model sees the same frames.
+
+    ``shard=(p, P)`` keeps utterances p, p + P, p + 2P, … of the list (process p of P).
+    """
+    return load_share(source, entries, settings, shard=shard)[0]
+
+
+def load_share(
+    source: Any,
+    entries: Sequence[ModelEntry],
+    settings: Settings,
+    *,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[list[audio.Utterance], list[int]]:
+    """`load_audio`, plus each kept utterance's index in the whole list (which seeds its
+    bootstrap weights, so a dropped clip changes no other clip's draws, whatever the process
+    count). With several processes a share may hold no usable clip; `analyze` checks the
+    total."""
+    paths = audio.list_audio(source)
+    if settings.max_utterances is not None:
+        paths = paths[: settings.max_utterances]
+    index, count = shard
+    positions = range(index, len(paths), count)
+    loaded = [audio.load_utterance(paths[i], max_seconds=settings.max_seconds) for i in positions]
+    field = max(e.model.config.receptive_field for e in entries)
+    try:
+        utterances = audio.filter_short(loaded, min_samples=field)
+    except audio.AudioError:
+        if count == 1:
+            raise
+        utterances = []
+    kept = {id(u) for u in utterances}
+    ids = [i for i, u in zip(positions, loaded, strict=True) if id(u) in kept]
+    for u in utterances:
+        frames = {e.name: e.model.config.num_frames(len(u.samples)) for e in entries}
+        if len(set(frames.values())) > 1:
+            raise AnalysisError(
+                f"{u.path}: models disagree on the number of frames ({frames}); their conv "
+                f"stacks differ, so frames do not align"
+            )
+    return utterances, ids
+
+
+def poisson_weights(seed: int, index: int, replicates: int) -> np.ndarray:
+    return np.random.default_rng([seed, index]).poisson(1.0, size=replicates).astype(np.float32)

@@ -1,0 +1,242 @@
+"""What an analysis accumulates (`State`), its checkpoints, its run key and the process merge.
+
+Resumable: the statistics are checkpointed (atomically, fsynced) under ``OUT/.sslsim_state/``,
+keyed by `run_key` (models by weights digest, audio by path, size and modification time, and
+the settings that change the statistics); a run started again with the same arguments
+continues after the last checkpointed batch and gives the same table as an uninterrupted run
+(batches are deterministic and merged in the same order). A checkpoint that cannot be read is
+reported by name and that run starts again from its first batch.
+
+Processes (after `sslsim_jax.distributed.initialize`): the statistics of all processes are
+merged with Chan's update, in process order, on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslsim_jax import distributed, results, sharded, stats
+from sslsim_jax.analysis.networks import ModelEntry
+from sslsim_jax.analysis.settings import Settings
+from sslsim_jax.metrics import attention as attn
+
+STATE_DIR = ".sslsim_state"
+
+
+@dataclasses.dataclass
+class State:
+    """Everything the run accumulates; what a checkpoint holds."""
+
+    done: int
+    moments: stats.Moments
+    replicates: stats.Moments | None
+    heads: dict[tuple[str, str, str], attn.HeadSimilarityState]
+    frames: int
+
+
+def init_state(sizes, settings, entries, mesh=None) -> State:
+    """Empty statistics; with ``settings.stat_shards`` > 1 in the padded layout of
+    `sslsim_jax.sharded`, allocated split over ``mesh``."""
+    replicates = None
+    if settings.stat_shards > 1:
+        layout = sharded.Layout(sizes, settings.stat_shards)
+        moments = sharded.init(layout, mesh)
+        if settings.bootstrap:
+            replicates = sharded.init(layout, mesh, settings.bootstrap)
+    else:
+        moments = stats.init(sizes)
+        if settings.bootstrap:
+            replicates = jax.tree.map(lambda a: jnp.stack([a] * settings.bootstrap), moments)
+    heads = {}
+    if settings.attention:
+        for i, a in enumerate(entries):
+            for b in entries[i:]:
+                ha = a.model.config.num_hidden_layers * a.model.config.num_attention_heads
+                hb = b.model.config.num_hidden_layers * b.model.config.num_attention_heads
+                for method in settings.attention_methods:
+                    heads[a.name, b.name, method] = attn.init_state(ha, hb)
+    return State(done=0, moments=moments, replicates=replicates, heads=heads, frames=0)
+
+
+_MOMENT_FIELDS = ("count", "mean", "comoment", "row_cross", "row_gram")
+
+
+_HEAD_FIELDS = ("total", "count", "skipped")
+
+
+def _head_key(key: tuple[str, str, str]) -> str:
+    return "heads." + "\x1f".join(key)
+
+
+def flatten(state: State) -> dict[str, np.ndarray]:
+    arrays = {"done": np.array(state.done), "frames": np.array(state.frames)}
+    for field in _MOMENT_FIELDS:
+        arrays[f"moments.{field}"] = np.asarray(getattr(state.moments, field))
+        if state.replicates is not None:
+            arrays[f"replicates.{field}"] = np.asarray(getattr(state.replicates, field))
+    for key, s in state.heads.items():
+        for field in _HEAD_FIELDS:
+            arrays[f"{_head_key(key)}.{field}"] = np.asarray(getattr(s, field))
+    return arrays
+
+
+def _place(array: np.ndarray, like: Any) -> jax.Array:
+    """``array`` on the devices of ``like`` when that is split over several (sharded
+    statistics: straight to their devices, never whole on one); else a default-device array."""
+    if isinstance(like, jax.Array) and len(like.sharding.device_set) > 1:
+        return jax.device_put(array, like.sharding)
+    return jnp.asarray(array)
+
+
+def _checked(arrays: dict[str, np.ndarray], key: str, like: Any) -> np.ndarray:
+    array = arrays[key]
+    if np.shape(array) != np.shape(like):
+        raise ValueError(f"{key} has shape {np.shape(array)}, expected {np.shape(like)}")
+    return array
+
+
+def restore(arrays: dict[str, np.ndarray], template: State) -> State:
+    """The `State` of ``flatten``'s arrays, laid out like ``template`` (shapes checked)."""
+
+    def moments(prefix, like):
+        if like is None:
+            return None
+        return dataclasses.replace(
+            like,
+            **{
+                f: _place(_checked(arrays, f"{prefix}.{f}", getattr(like, f)), getattr(like, f))
+                for f in _MOMENT_FIELDS
+            },
+        )
+
+    heads = {
+        key: attn.HeadSimilarityState(
+            *(
+                jnp.asarray(_checked(arrays, f"{_head_key(key)}.{f}", getattr(s, f)))
+                for f in _HEAD_FIELDS
+            )
+        )
+        for key, s in template.heads.items()
+    }
+    return State(
+        done=int(arrays["done"]),
+        moments=moments("moments", template.moments),
+        replicates=moments("replicates", template.replicates),
+        heads=heads,
+        frames=int(arrays["frames"]),
+    )
+
+
+def audio_identity(path: str) -> list:
+    """What identifies an audio file's content cheaply: its size and modification time (ns)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [None, None]
+    return [info.st_size, info.st_mtime_ns]
+
+
+def run_key(entries: Sequence[ModelEntry], utterances, settings: Settings) -> str:
+    """Identifies a run's statistics for resumption.
+
+    Models by name, layers, input normalisation and *weights digest* (so weights changed in
+    place never reuse old statistics); audio by path, size and modification time of the file
+    and the samples kept; the settings that change the statistics. A finished run keeps its
+    statistics, so the same command with other ``--metrics`` (or on another number of
+    ``--devices``) skips extraction.
+    """
+    key = {
+        "models": [
+            (e.name, e.config_hash, e.weights_digest, e.layers, e.normalize) for e in entries
+        ],
+        "audio": [(u.path, audio_identity(u.path), u.num_samples) for u in utterances],
+        "settings": settings.extraction_key(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint could not be read and was set aside; that run starts again."""
+
+
+def save_checkpoint(path: str, state: State) -> None:
+    """Writes ``state`` (host arrays) to ``path`` atomically, fsynced before the rename."""
+    arrays = flatten(fetch(state))
+    results.atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def load_checkpoint(path: str, template: State) -> State:
+    """The checkpointed state at ``path``, or ``template`` when there is none.
+
+    A file that cannot be read (truncated, empty, from another layout) is renamed to
+    ``path + ".bad"`` with a warning that names it, and the run starts from ``template``:
+    a damaged checkpoint never blocks later runs and is never half used.
+    """
+    if not os.path.isfile(path):
+        return template
+    try:
+        with np.load(path) as arrays:
+            loaded = {k: arrays[k] for k in arrays.files}
+        state = restore(loaded, template)
+    except Exception as e:  # zipfile, pickle, shape and key errors alike: the file is bad
+        bad = path + ".bad"
+        os.replace(path, bad)
+        warnings.warn(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); moved to {bad}, "
+            "starting that part again",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+        return template
+    return state
+
+
+def merge_processes(state: State) -> State:
+    """The statistics of every process's utterances, on every process (host arrays)."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    arrays = flatten(state)
+    gathered = {k: np.asarray(multihost_utils.process_allgather(v)) for k, v in arrays.items()}
+    # Host memory (this process's CPU): sharded statistics need not fit on one device.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return _merge_parts(gathered, state)
+
+
+def _merge_parts(gathered: dict[str, np.ndarray], state: State) -> State:
+    parts = [
+        restore({k: v[p] for k, v in gathered.items()}, state) for p in range(jax.process_count())
+    ]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = State(
+            done=merged.done,
+            moments=stats.merge(merged.moments, part.moments),
+            replicates=None
+            if merged.replicates is None
+            else jax.vmap(stats.merge)(merged.replicates, part.replicates),
+            heads={k: attn.merge_states(s, part.heads[k]) for k, s in merged.heads.items()},
+            frames=merged.frames + part.frames,
+        )
+    return fetch(merged)
+
+
+def fetch(state: State) -> State:
+    """The statistics as host arrays, so the metrics run once rather than on every device."""
+    return dataclasses.replace(
+        state,
+        moments=distributed.fetch_replicated(state.moments),
+        replicates=distributed.fetch_replicated(state.replicates),
+        heads=distributed.fetch_replicated(state.heads),
+    )

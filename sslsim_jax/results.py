@@ -1,0 +1,404 @@
+"""The output files of a run: names, columns, readers and validators, and one atomic writer.
+
+Every file `sslsim analyze` writes into ``--out`` is declared here once; the analysis writes
+through `write_table` / `write_json` (which check the columns) and the report reads through
+`read_results` (which validates them):
+
+- ``similarities.csv``: ``model_a, layer_a, model_b, layer_b, metric, value`` and, when
+  bootstrapped, ``ci_low, ci_high``. Layers are strings: ``"0"`` … ``"L"`` (0 = transformer
+  input, i = output of block i) and ``"final"`` (final LayerNorm of pre-LN models), which
+  sorts after the numbers. Both orders of every pair are present.
+- ``attention_heads.csv`` (with attention): ``model_a, layer_a, head_a, model_b, layer_b,
+  head_b, method, value``.
+- ``neurons.csv``: ``model_a, layer_a, neuron_a, model_b, layer_b, matched_neuron_b,
+  correlation``.
+- ``neuron_rankings.csv``: ``model, layer, neuron, maxcorr, mincorr, maxcorr_rank,
+  mincorr_rank, constant`` (Wu et al.'s rankings against the other models' networks).
+- ``run.json``: models (name, path, config and weights digests, …), fine-tune pairs, frame and
+  utterance counts, settings and versions.
+
+Files are written whole or not at all (a temporary file, fsync, rename) and get the
+permissions the user's umask gives (0644 under umask 022), so colleagues on a shared cluster
+can read a run's results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "ATTENTION_HEADS",
+    "NEURONS",
+    "NEURON_RANKINGS",
+    "OUTPUTS",
+    "RUN",
+    "Results",
+    "ResultsError",
+    "SIMILARITIES",
+    "atomic_write",
+    "layer_order",
+    "read_results",
+    "write_json",
+    "write_table",
+]
+
+# File names in a run's output directory.
+SIMILARITIES = "similarities.csv"
+ATTENTION_HEADS = "attention_heads.csv"
+NEURONS = "neurons.csv"
+NEURON_RANKINGS = "neuron_rankings.csv"
+RUN = "run.json"
+REPORT = "report.html"
+FIGURES = "figures"
+
+SIMILARITY_COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "metric", "value")
+CI_COLUMNS = ("ci_low", "ci_high")
+HEAD_COLUMNS = ("model_a", "layer_a", "head_a", "model_b", "layer_b", "head_b", "method", "value")
+NEURON_COLUMNS = (
+    "model_a",
+    "layer_a",
+    "neuron_a",
+    "model_b",
+    "layer_b",
+    "matched_neuron_b",
+    "correlation",
+)
+# Grids up to this many rows and columns get their values written in the cells.
+NEURON_RANKING_COLUMNS = (
+    "model",
+    "layer",
+    "neuron",
+    "maxcorr",
+    "mincorr",
+    "maxcorr_rank",
+    "mincorr_rank",
+    "constant",
+)
+# Each table's required columns, in the order they are written.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    SIMILARITIES: SIMILARITY_COLUMNS,
+    ATTENTION_HEADS: HEAD_COLUMNS,
+    NEURONS: NEURON_COLUMNS,
+    NEURON_RANKINGS: NEURON_RANKING_COLUMNS,
+}
+# Every file and directory a run owns in its output directory.
+OUTPUTS = (*COLUMNS, RUN, REPORT, FIGURES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _file_mode() -> int:
+    """0o666 less the process umask: what ``open(path, "w")`` would give a new file."""
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary=False) -> None:
+    """Writes ``path`` whole or not at all: a temporary file in the same directory, fsync,
+    then ``os.replace``. The file gets the permissions the umask gives (not mkstemp's 0600).
+
+    Args:
+        path: the file to write.
+        write: called with the open temporary file.
+        binary: open it in binary mode.
+
+    Raises:
+        OSError: with the path in the message (a full disk says which file it was writing).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".partial"
+        )
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and path not in str(e):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def write_table(out_dir: str | os.PathLike, name: str, frame: pd.DataFrame) -> str:
+    """Writes table ``name`` (one of `COLUMNS`) into ``out_dir``; returns its path.
+
+    Raises:
+        ValueError: the frame lacks a column of the file's schema (a bug, never user input).
+    """
+    missing = [c for c in COLUMNS[name] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{name}: missing columns {missing} (has {list(frame.columns)})")
+    path = os.path.join(os.fspath(out_dir), name)
+    atomic_write(path, lambda f: frame.to_csv(f, index=False))
+    return path
+
+
+def write_json(out_dir: str | os.PathLike, name: str, value: Any) -> str:
+    """Writes ``value`` as indented JSON to ``out_dir/name``; returns its path."""
+    path = os.path.join(os.fspath(out_dir), name)
+    atomic_write(path, lambda f: json.dump(value, f, indent=2))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class ResultsError(ValueError):
+    """A result file is missing or does not follow the file contract; the message names it."""
+
+
+_LAYER = re.compile(r"^(0|[1-9][0-9]*)$")
+
+
+def _layer_key(layer: str) -> tuple[int, int, str]:
+    if _LAYER.match(layer):
+        return (0, int(layer), "")
+    if layer == "final":
+        return (1, 0, "")
+    return (2, 0, layer)
+
+
+def layer_order(layers: Iterable[str]) -> list[str]:
+    """Distinct layer names in network order: ``"0"``, ``"1"``, …, ``"10"``, then ``"final"``.
+
+    Args:
+      layers: layer names (strings), with repeats.
+
+    Returns:
+      The distinct names, numbers by value, ``"final"`` after them, anything else last.
+    """
+    return sorted(set(layers), key=_layer_key)
+
+
+@dataclass(frozen=True)
+class Results:
+    """The saved results of one run, as read by `read_results`.
+
+    Attributes:
+      out_dir: the output directory.
+      run: the parsed ``run.json``.
+      similarities: the tidy similarity table; model and layer columns are strings, ``value``
+        (and ``ci_low``, ``ci_high`` when present) floats.
+      attention_heads: the head-level table, or None when the run wrote none.
+      neurons: the neuron-level table, or None when the run wrote none.
+    """
+
+    out_dir: Path
+    run: dict[str, Any]
+    similarities: pd.DataFrame
+    attention_heads: pd.DataFrame | None = None
+    neurons: pd.DataFrame | None = None
+    models: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = [m["name"] for m in self.run["models"]]
+        object.__setattr__(self, "models", names)
+
+    @property
+    def frames(self) -> int | None:
+        """Valid frames pooled over all utterances, or None when run.json does not say."""
+        return self.run.get("frames")
+
+    @property
+    def finetune_pairs(self) -> list[tuple[str, str]]:
+        """(pre-trained, fine-tuned) model name pairs."""
+        return [(a, b) for a, b in self.run.get("finetune_pairs", [])]
+
+    @property
+    def has_ci(self) -> bool:
+        """Whether the similarity table carries bootstrap confidence intervals."""
+        return all(c in self.similarities.columns for c in CI_COLUMNS)
+
+
+def _read_csv(
+    path: Path,
+    columns: Sequence[str],
+    *,
+    text: Sequence[str],
+    numbers: Sequence[str],
+    integers: Sequence[str] = (),
+    optional_numbers: Sequence[str] = (),
+) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: not a readable CSV file ({e})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ResultsError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(repr(c) for c in missing)} (has {list(frame.columns)})"
+        )
+    present_optional = [c for c in optional_numbers if c in frame.columns]
+    if present_optional and len(present_optional) != len(optional_numbers):
+        absent = [c for c in optional_numbers if c not in frame.columns]
+        raise ResultsError(
+            f"{path}: has column {present_optional[0]!r} but not {absent[0]!r} "
+            f"(confidence intervals need both)"
+        )
+    for c in text:
+        empty = frame.index[frame[c].str.strip() == ""]
+        if len(empty):
+            raise ResultsError(f"{path}: column {c!r} is empty in data row {empty[0] + 1}")
+    for c in (*numbers, *integers, *present_optional):
+        raw = frame[c].str.strip()
+        values = pd.to_numeric(raw, errors="coerce")
+        bad = values.isna() & ~raw.str.lower().isin(["", "nan"])
+        if c in integers:
+            bad |= values.isna() | (values != values.round())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            kind = "an integer" if c in integers else "a number"
+            raise ResultsError(
+                f"{path}: column {c!r} expects {kind}, got {frame[c].iloc[i]!r} in data row {i + 1}"
+            )
+        frame[c] = values.astype(int) if c in integers else values.astype(float)
+    for c in ("layer_a", "layer_b"):
+        if c in frame.columns:
+            bad_layers = sorted({x for x in frame[c] if _layer_key(x)[0] == 2})
+            if bad_layers:
+                raise ResultsError(
+                    f"{path}: column {c!r} expects a layer number or 'final', got {bad_layers[0]!r}"
+                )
+    return frame
+
+
+def _check_unique(frame: pd.DataFrame, path: Path, key: Sequence[str]) -> None:
+    dup = frame.duplicated(list(key))
+    if dup.any():
+        row = frame[dup].iloc[0]
+        raise ResultsError(f"{path}: duplicate row for {', '.join(f'{k}={row[k]}' for k in key)}")
+
+
+def _check_models(frame: pd.DataFrame, path: Path, models: Sequence[str]) -> None:
+    for c in ("model_a", "model_b"):
+        unknown = sorted(set(frame[c]) - set(models))
+        if unknown:
+            raise ResultsError(
+                f"{path}: column {c!r} names model {unknown[0]!r}, which run.json does not "
+                f"list (models: {list(models)})"
+            )
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(run, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(run).__name__}")
+    models = run.get("models")
+    if models is None:
+        raise ResultsError(f"{path}: missing key 'models'")
+    if not isinstance(models, list) or not models:
+        raise ResultsError(f"{path}: key 'models' expects a non-empty list, got {models!r}")
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
+            raise ResultsError(f"{path}: models[{i}] expects an object with a 'name', got {m!r}")
+    names = [m["name"] for m in models]
+    if len(set(names)) != len(names):
+        raise ResultsError(f"{path}: duplicate model names in 'models': {names}")
+    for i, pair in enumerate(run.get("finetune_pairs", [])):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and set(pair) <= set(names)):
+            raise ResultsError(
+                f"{path}: finetune_pairs[{i}] expects [pre-trained, fine-tuned] model names "
+                f"from 'models' {names}, got {pair!r}"
+            )
+    frames = run.get("frames")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)):
+        raise ResultsError(f"{path}: key 'frames' expects an integer, got {frames!r}")
+    for key, kind in (("utterances", list), ("settings", dict), ("versions", dict)):
+        if key in run and not isinstance(run[key], kind):
+            raise ResultsError(
+                f"{path}: key {key!r} expects a JSON {'array' if kind is list else 'object'}"
+            )
+    return run
+
+
+def read_results(out_dir: str | os.PathLike[str]) -> Results:
+    """Reads and validates the result files of one run.
+
+    Args:
+      out_dir: the run's output directory.
+
+    Returns:
+      The parsed `Results`.
+
+    Raises:
+      ResultsError: a required file (``run.json``, ``similarities.csv``) is missing, or any file
+        breaks the contract (missing column, non-numeric value, unknown layer or model name,
+        duplicate row, only one of ``ci_low``/``ci_high``); the message names file and column.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ResultsError(f"{out}: not a directory")
+    run = _read_run(out / RUN)
+    models = [m["name"] for m in run["models"]]
+
+    sim_path = out / SIMILARITIES
+    similarities = _read_csv(
+        sim_path,
+        SIMILARITY_COLUMNS,
+        text=("model_a", "layer_a", "model_b", "layer_b", "metric"),
+        numbers=("value",),
+        optional_numbers=CI_COLUMNS,
+    )
+    _check_models(similarities, sim_path, models)
+    _check_unique(similarities, sim_path, SIMILARITY_COLUMNS[:5])
+
+    heads = None
+    head_path = out / ATTENTION_HEADS
+    if head_path.exists():
+        heads = _read_csv(
+            head_path,
+            HEAD_COLUMNS,
+            text=("model_a", "layer_a", "model_b", "layer_b", "method"),
+            numbers=("value",),
+            integers=("head_a", "head_b"),
+        )
+        _check_models(heads, head_path, models)
+        _check_unique(heads, head_path, HEAD_COLUMNS[:7])
+
+    neurons = None
+    neuron_path = out / NEURONS
+    if neuron_path.exists():
+        neurons = _read_csv(
+            neuron_path,
+            NEURON_COLUMNS,
+            text=("model_a", "layer_a", "model_b", "layer_b"),
+            numbers=("correlation",),
+            integers=("neuron_a", "matched_neuron_b"),
+        )
+        _check_models(neurons, neuron_path, models)
+    return Results(out, run, similarities, heads, neurons)
