@@ -12,7 +12,7 @@ a == b rows present.
 
 References:
     Wu, Belinkov, Sajjad, Durrani, Dalvi, Glass. Similarity analysis of contextual word
-    representation models. ACL 2020 (Section 5.1; the localization score of their notebooks
+    representation models. ACL 2020 (localization vs distributivity; the score of their notebooks
     ``analysis/analysis-8.ipynb`` uses pandas' sample standard deviation).
     El Kheir, Ali, Chowdhury. Speech representation analysis based on inter- and intra-model
     similarities. ICASSP 2024 XAISA workshop (arXiv 2406.16099).

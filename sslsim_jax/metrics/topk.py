@@ -24,8 +24,9 @@ scores 0 for every k; x-centric metrics (maxcorr, linreg, pwcca) give x in terms
 
 References:
     Wu, Belinkov, Sajjad, Durrani, Dalvi, Glass. Similarity analysis of contextual word
-    representation models. ACL 2020 (Section 5, "localization"; their top-k curves average
-    the best fraction of neurons or directions of each pair).
+    representation models. ACL 2020 (localization vs distributivity). Their notebooks
+    (johnmwu/contextual-corr-analysis ``analysis/analysis-8.ipynb``) compute top-k curves; the
+    definitions above are ours as stated, not checked line by line against that notebook.
 """
 
 from __future__ import annotations
