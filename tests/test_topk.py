@@ -303,3 +303,12 @@ def test_input_errors():
         metrics.topk_from_moments(m, "svcca")
     with pytest.raises(ValueError, match="expected 3 names"):
         metrics.topk_all_from_moments(m, names=["a"])
+
+
+def test_vmap_equals_loop():
+    pairs = [data(80, 5, 4, seed=s) for s in range(3)]
+    ms = [stats.joint_moments([x.astype(np.float32), y.astype(np.float32)]) for x, y in pairs]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *ms)
+    got = jax.vmap(lambda m: metrics.topk_from_moments(m, "pwcca", (0.5, 1.0)))(stacked)
+    want = np.stack([np.asarray(metrics.topk_from_moments(m, "pwcca", (0.5, 1.0))) for m in ms])
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
