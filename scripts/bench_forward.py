@@ -76,9 +76,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from sslsim_jax.convert.hf import convert_state_dict
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from sslsim_jax.convert.hf import convert_state_dict
     from sslsim_jax.checkpoints import param_shapes
     from sslsim_jax.intermediates import SpeechModel
     from sslsim_jax.models import ModelConfig

@@ -32,13 +32,6 @@ _moments = jax.jit(stats.moments, static_argnames="sizes")
 _merge = jax.jit(stats.merge)
 
 
-@functools.partial(jax.jit, static_argnames=("variance", "variance_rule", "rtol", "spectral"))
-def _stage1(m, *, variance, variance_rule, rtol, spectral):
-    b = kernels.blocks(m)
-    s = kernels.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
-    return b, (s if spectral else None), kernels.inv_sd(b)
-
-
 @functools.partial(jax.jit, static_argnames=("metrics", "width"))
 def _stage2(b, s, isd, *, metrics, width):
     return kernels.metric_matrices(b, s, isd, metrics=metrics, width=width)
@@ -81,7 +74,7 @@ def compare_moments(
     if len(names) != len(m.sizes):
         raise ValueError(f"expected {len(m.sizes)} names, got {len(names)}")
     spectral = is_spectral(metrics)
-    b, s, isd = _stage1(
+    b, s, isd = kernels.prepare(
         m, variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral
     )
     kernels.warn_degenerate(

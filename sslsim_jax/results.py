@@ -47,6 +47,7 @@ __all__ = [
     "ResultsError",
     "SIMILARITIES",
     "atomic_write",
+    "layer_key",
     "layer_order",
     "read_results",
     "write_json",
@@ -177,7 +178,8 @@ class ResultsError(ValueError):
 _LAYER = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
-def _layer_key(layer: str) -> tuple[int, int, str]:
+def layer_key(layer: str) -> tuple[int, int, str]:
+    """Sort key of a layer name: numbers by value, then ``"final"``, anything else last."""
     if _LAYER.match(layer):
         return (0, int(layer), "")
     if layer == "final":
@@ -194,7 +196,7 @@ def layer_order(layers: Iterable[str]) -> list[str]:
     Returns:
       The distinct names, numbers by value, ``"final"`` after them, anything else last.
     """
-    return sorted(set(layers), key=_layer_key)
+    return sorted(set(layers), key=layer_key)
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,7 @@ def _read_csv(
         frame[c] = values.astype(int) if c in integers else values.astype(float)
     for c in ("layer_a", "layer_b"):
         if c in frame.columns:
-            bad_layers = sorted({x for x in frame[c] if _layer_key(x)[0] == 2})
+            bad_layers = sorted({x for x in frame[c] if layer_key(x)[0] == 2})
             if bad_layers:
                 raise ResultsError(
                     f"{path}: column {c!r} expects a layer number or 'final', got {bad_layers[0]!r}"

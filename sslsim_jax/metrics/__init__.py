@@ -3,6 +3,7 @@
 `neuron`: Pearson correlations, `maxcorr` / `mincorr` and the Wu et al. neuron rankings.
 `representation`: `linreg`, `svcca`, `pwcca`, `linear_cka`, `debiased_cka`, `rbf_cka`,
 `procrustes`, each with a ``*_from_moments`` twin on `sslsim_jax.stats.Moments`.
+`topk`: Wu et al.'s top-k versions of maxcorr, linreg, svcca and pwcca.
 """
 
 from sslsim_jax.metrics.kernels import ConstantNeuronWarning, RankDeficiencyWarning
@@ -30,8 +31,18 @@ from sslsim_jax.metrics.representation import (
     svcca,
     svcca_from_moments,
 )
+from sslsim_jax.metrics.topk import (
+    DEFAULT_KS,
+    TOPK_METRICS,
+    topk,
+    topk_all_from_moments,
+    topk_from_moments,
+    topk_matrices,
+)
 
 __all__ = [
+    "DEFAULT_KS",
+    "TOPK_METRICS",
     "ConstantNeuronWarning",
     "NeuronMatch",
     "RankDeficiencyWarning",
@@ -54,4 +65,8 @@ __all__ = [
     "rbf_cka",
     "svcca",
     "svcca_from_moments",
+    "topk",
+    "topk_all_from_moments",
+    "topk_from_moments",
+    "topk_matrices",
 ]

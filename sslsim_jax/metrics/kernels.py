@@ -273,11 +273,8 @@ def debiased_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
 
 def linreg_all(b: Blocks, s: Spectra) -> jax.Array:
     """[Ka, K] mean over valid neurons of a of √R² of predicting them from all of b."""
-    # [Ka, P, K, P] x [K, P, P] -> [Ka, P, K, P]: C_ab Q_b, rows scaled to standardised a.
-    proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=stats.matmul_precision())
-    proj = proj * s.inv_sd[b.rows][:, :, None, None]
-    r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [Ka, P, K]
-    return _pairs_defined(b, _masked_mean(jnp.sqrt(r2), b.valid[b.rows][:, :, None], axis=1))
+    r = linreg_neurons(b, s)  # [Ka, P, K]
+    return _pairs_defined(b, _masked_mean(r, b.valid[b.rows][:, :, None], axis=1))
 
 
 def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,33 +289,22 @@ def _cca_pairs(
     """SVCCA and PWCCA of the pairs (row block ia, network ib), one SVD each: [n] arrays.
 
     Returns (svcca, pwcca of a in terms of b, pwcca of b in terms of a when ``both``; ``both``
-    needs ``ib`` to index row blocks too, i.e. ``b`` holds every row).
+    needs ``ib`` to index row blocks too, i.e. ``b`` holds every row). The means of
+    `canonical_pairs`.
     """
-    keep = jnp.arange(width)[None, :] < s.kept[:, None]  # [K, W]
-    qk = s.whiten[:, :, :width] * keep[:, None, :]  # [K, P, W]
-    ga = b.rows[ia]  # the networks of the row blocks
-    cross = b.comoment[ia, :, ib, :]  # [n, P, P]
-    # [n, W, P] @ [n, P, P] @ [n, P, W]: whitened cross block of kept directions.
-    prec = stats.matmul_precision()
-    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ga], cross, qk[ib], precision=prec)
-    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
-    m = jnp.minimum(s.kept[ga], s.kept[ib])  # [n]
-    take = jnp.arange(width)[None, :] < m[:, None]  # [n, W]
-    rho = jnp.clip(rho, 0, 1)
-    sv = _masked_mean(rho, take, axis=1)
+    pairs = canonical_pairs(b, s, ia, ib, width=width, weights=pwcca, both=both)
+    sv = _masked_mean(pairs.rho, pairs.take, axis=1)
     if not pwcca:
         return sv, None, None
-    load = jnp.einsum("kpw,kpq->kwq", qk[b.rows], own_blocks(b), precision=prec)  # <U_w, x_q>
 
-    def weighted(vecs: jax.Array, side: np.ndarray) -> jax.Array:
-        # [n, W, W]^T x [n, W, P] -> [n, W(canonical), P]: <h_k, x_j>.
-        align = jnp.abs(jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=prec))
-        weight = jnp.where(take, jnp.sum(align, axis=2), 0)
+    def weighted(weight: jax.Array) -> jax.Array:
         total = jnp.sum(weight, axis=1)
-        return jnp.where(total > 0, jnp.sum(weight * rho, axis=1) / jnp.maximum(total, 1e-30), 0)
+        return jnp.where(
+            total > 0, jnp.sum(weight * pairs.rho, axis=1) / jnp.maximum(total, 1e-30), 0
+        )
 
-    pw_ba = weighted(jnp.swapaxes(vt, 1, 2), ib) if both else None
-    return sv, weighted(u, ia), pw_ba
+    pw_ba = weighted(pairs.weight_ba) if both else None
+    return sv, weighted(pairs.weight_ab), pw_ba
 
 
 def cca_all(
@@ -481,6 +467,17 @@ def warn_degenerate(
         )
 
 
+@functools.partial(jax.jit, static_argnames=("variance", "variance_rule", "rtol", "spectral"))
+def prepare(
+    m: stats.Moments, *, variance: float, variance_rule: str, rtol: float | None, spectral: bool
+) -> tuple[Blocks, Spectra | None, jax.Array]:
+    """The per-network intermediates of every all-pairs metric: `blocks`, `spectra` (when
+    ``spectral``) and `inv_sd`, in one compiled program."""
+    b = blocks(m)
+    s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
+    return b, s, inv_sd(b)
+
+
 joint_pair = jax.jit(lambda x, y, where: stats.joint_moments([x, y], where=where))
 
 
@@ -504,3 +501,76 @@ def pair_metric(
     s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
     value = metric_matrices(b, s, inv_sd(b), metrics=(metric,), width=b.valid.shape[1])[metric]
     return value[0, 1], b.count, b.valid, b.real, b.diag
+
+
+# ---------------------------------------------------------------------------------------------
+# By-products of the pair metrics: the per-neuron and per-direction values that the metrics
+# average, for analyses that need more than the mean (Wu et al.'s top-k, `metrics.topk`).
+
+
+def linreg_neurons(b: Blocks, s: Spectra) -> jax.Array:
+    """[Ka, P, K] √R² of predicting neuron i of row network a from all of network b.
+
+    The values `linreg_all` averages over a's valid neurons (0 for constant or padding ones).
+    """
+    # Same algebra as linreg_all: C_ab Q_b with rows scaled to standardised a.
+    proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=stats.matmul_precision())
+    proj = proj * s.inv_sd[b.rows][:, :, None, None]
+    r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [Ka, P, K]
+    return jnp.where(b.valid[b.rows][:, :, None], jnp.sqrt(r2), 0)
+
+
+class CanonicalPairs(NamedTuple):
+    """Canonical correlations of n network pairs (a, b), the values SVCCA and PWCCA average.
+
+    Attributes:
+        rho: [n, W] canonical correlations, descending, clipped to [0, 1].
+        take: [n, W] bool, direction w is one of the min(kept_a, kept_b) canonical pairs.
+        weight_ab: [n, W] PWCCA weights of a's canonical variates (0 outside ``take``), or None.
+        weight_ba: [n, W] the same for b's variates (``both``), or None.
+    """
+
+    rho: jax.Array
+    take: jax.Array
+    weight_ab: jax.Array | None
+    weight_ba: jax.Array | None
+
+
+def canonical_pairs(
+    b: Blocks,
+    s: Spectra,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    *,
+    width: int,
+    weights: bool,
+    both: bool,
+) -> CanonicalPairs:
+    """Per-direction canonical correlations (and PWCCA weights) of the pairs (ia, ib).
+
+    The same SVD of the whitened cross block of kept directions as `_cca_pairs`, returned before
+    averaging: ``svcca = mean(rho[take])``, ``pwcca = Σ weight·rho / Σ weight``. ``ia`` indexes
+    row blocks, ``ib`` networks (and row blocks too when ``both``).
+    """
+    keep = jnp.arange(width)[None, :] < s.kept[:, None]  # [K, W]
+    qk = s.whiten[:, :, :width] * keep[:, None, :]  # [K, P, W]
+    ga = b.rows[ia]
+    cross = b.comoment[ia, :, ib, :]  # [n, P, P]
+    prec = stats.matmul_precision()
+    # [n, W, P] @ [n, P, P] @ [n, P, W]: whitened cross block of kept directions.
+    mat = jnp.einsum("npx,npq,nqy->nxy", qk[ga], cross, qk[ib], precision=prec)
+    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
+    m = jnp.minimum(s.kept[ga], s.kept[ib])  # [n]
+    take = jnp.arange(width)[None, :] < m[:, None]  # [n, W]
+    rho = jnp.where(take, jnp.clip(rho, 0, 1), 0)
+    if not weights:
+        return CanonicalPairs(rho, take, None, None)
+    load = jnp.einsum("kpw,kpq->kwq", qk[b.rows], own_blocks(b), precision=prec)  # <U_w, x_q>
+
+    def weight(vecs: jax.Array, side: np.ndarray) -> jax.Array:
+        # [n, W, W]^T x [n, W, P] -> [n, W(canonical), P]: <h_k, x_j>.
+        align = jnp.abs(jnp.einsum("nwc,nwq->ncq", vecs, load[side], precision=prec))
+        return jnp.where(take, jnp.sum(align, axis=2), 0)
+
+    w_ba = weight(jnp.swapaxes(vt, 1, 2), ib) if both else None
+    return CanonicalPairs(rho, take, weight(u, ia), w_ba)
