@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sslsim_jax.models.config import ModelConfig
-from sslsim_jax.models.modules import SpeechEncoder
+from sslsim_jax.models.modules import DEFAULT_ATTENTION_BLOCK, SpeechEncoder
 
 
 @jax.tree_util.register_dataclass
@@ -95,11 +95,18 @@ class SpeechModel:
         dtype: Any = jnp.float32,
         precision: Any = None,
         path: str | None = None,
+        attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
     ):
+        if attention_block is not None and attention_block < 1:
+            raise ValueError(f"expected attention_block >= 1 or None, got {attention_block}")
         self.config = config
         param_dtype = jax.tree.leaves(params)[0].dtype
         self.module = SpeechEncoder(
-            config, dtype=dtype, param_dtype=param_dtype, precision=precision
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            attention_block=attention_block,
         )
         self.params = jax.device_put(params)
         self.path = path
