@@ -170,8 +170,11 @@ class SpeechModel:
         if frames < 1:
             return
         need = memory.activation_bytes(self.config, frames, batch, attentions=True)
-        device = next(iter(jax.tree.leaves(self.params)[0].devices()))
-        limit, what = memory.device_memory(device)
+        # Params replicated over n devices: a batch split over them needs 1/n on each.
+        devices = jax.tree.leaves(self.params)[0].devices()
+        limit, what = memory.device_memory(next(iter(devices)))
+        if len(devices) > 1:
+            limit, what = limit * len(devices), f"{len(devices)} x {what}"
         if need > limit:
             maps = memory.attention_map_bytes(self.config, frames, batch)
             seconds = samples / memory.SAMPLE_RATE

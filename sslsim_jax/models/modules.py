@@ -35,8 +35,11 @@ from sslsim_jax.models.config import ModelConfig
 
 Dtype = Any
 
-# Queries per block of the blocked attention (used when attention maps are not returned and T
-# exceeds it). See `SelfAttention`; chosen from scripts/bench_forward.py timings.
+# Queries per block of the blocked attention, used when attention maps are not returned and T
+# exceeds it (`SelfAttention`). Utterances up to 512 frames (10.2 s) run the plain path; at
+# 30 s (T = 1499, base size) blocks of 512 or 256 cost the same CPU time as the plain path
+# (scripts/bench_attention_block.py, 2026-11-28), and a block's scores [B, H, 512, T] stay
+# small next to the conv encoder's activations.
 DEFAULT_ATTENTION_BLOCK = 512
 
 
