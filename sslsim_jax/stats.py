@@ -61,6 +61,7 @@ __all__ = [
     "update",
     "update_replicates",
     "replicate_chunk",
+    "map_replicates",
     "merge",
     "psum",
     "select",
@@ -367,10 +368,27 @@ def update_replicates(
             f"expected weights of shape [R, N] = ({r}, {z.shape[0]}), got {weights.shape}"
         )
     chunk = replicate_chunk(z.shape[1], z.shape[0], r, chunk=chunk)
+    return map_replicates(lambda mr, w: update(mr, z, where=w), m, weights, chunk=chunk)
+
+
+def map_replicates(fn, m: Moments, weights: jax.Array, *, chunk: int) -> Moments:
+    """``jax.vmap(fn)(m, weights)`` run ``chunk`` replicates at a time (``chunk`` divides R).
+
+    The loop of `update_replicates`, for other per-replicate updates (e.g. the row blocks of
+    `sslsim_jax.sharded`, inside ``shard_map``): ``fn(m_r, w_r) -> m_r``.
+
+    Args:
+        fn: one replicate's update.
+        m: [R]-stacked statistics (any pytree with leading [R] axes).
+        weights: [R, ...] per-replicate weights.
+        chunk: replicates per step; must divide R.
+    """
+    r = weights.shape[0]
+    if chunk < 1 or r % chunk:
+        raise ValueError(f"expected a chunk that divides R = {r}, got {chunk}")
 
     def one(args):
-        mr, w = args
-        return update(mr, z, where=w)
+        return fn(*args)
 
     if chunk == r:
         return jax.vmap(one)((m, weights))
