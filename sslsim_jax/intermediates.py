@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sslsim_jax.models.config import ModelConfig
-from sslsim_jax.models.modules import SpeechEncoder
+from sslsim_jax.models.modules import DEFAULT_ATTENTION_BLOCK, SpeechEncoder
 
 
 @jax.tree_util.register_dataclass
@@ -95,11 +95,18 @@ class SpeechModel:
         dtype: Any = jnp.float32,
         precision: Any = None,
         path: str | None = None,
+        attention_block: int | None = DEFAULT_ATTENTION_BLOCK,
     ):
+        if attention_block is not None and attention_block < 1:
+            raise ValueError(f"expected attention_block >= 1 or None, got {attention_block}")
         self.config = config
         param_dtype = jax.tree.leaves(params)[0].dtype
         self.module = SpeechEncoder(
-            config, dtype=dtype, param_dtype=param_dtype, precision=precision
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            attention_block=attention_block,
         )
         self.params = jax.device_put(params)
         self.path = path
@@ -150,6 +157,34 @@ class SpeechModel:
             )
         return waveforms, lengths.astype(np.int32)
 
+    def check_attention_memory(self, batch: int, samples: int) -> None:
+        """Raises ValueError when a batch [B, S] with attention maps cannot fit in memory.
+
+        Checked before dispatch because a failed allocation of the maps is not reliably an
+        error: on CPU, ``np.asarray`` of any output of that computation then waits forever
+        (see `sslsim_jax.memory`).
+        """
+        from sslsim_jax import memory
+
+        frames = self.config.num_frames(samples)
+        if frames < 1:
+            return
+        need = memory.activation_bytes(self.config, frames, batch, attentions=True)
+        # Params replicated over n devices: a batch split over them needs 1/n on each.
+        devices = jax.tree.leaves(self.params)[0].devices()
+        limit, what = memory.device_memory(next(iter(devices)))
+        if len(devices) > 1:
+            limit, what = limit * len(devices), f"{len(devices)} x {what}"
+        if need > limit:
+            maps = memory.attention_map_bytes(self.config, frames, batch)
+            seconds = samples / memory.SAMPLE_RATE
+            raise ValueError(
+                f"attention maps of {batch} utterance(s) of {seconds:.1f} s need about "
+                f"{memory.format_bytes(need)} ({memory.format_bytes(maps)} of them the maps "
+                f"[L, B, H, T, T]), more than the {memory.format_bytes(limit)} of {what}: pass "
+                "shorter waveforms or attentions=False"
+            )
+
     def intermediates(
         self, waveforms: Any, lengths: Any = None, attentions: bool = False
     ) -> Intermediates:
@@ -166,8 +201,14 @@ class SpeechModel:
 
         Returns:
             ``Intermediates``; valid frames are equal to running each utterance alone.
+
+        Raises:
+            ValueError: bad shapes or lengths, or (with ``attentions``) maps that cannot fit
+                in the device's memory (`check_attention_memory`).
         """
         waveforms, lengths = self.check_inputs(waveforms, lengths)
+        if attentions:
+            self.check_attention_memory(*np.shape(waveforms))
         return self._forward(self.params, jnp.asarray(waveforms, jnp.float32), lengths, attentions)
 
 

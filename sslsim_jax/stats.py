@@ -59,6 +59,9 @@ __all__ = [
     "moments",
     "joint_moments",
     "update",
+    "update_replicates",
+    "replicate_chunk",
+    "map_replicates",
     "merge",
     "psum",
     "select",
@@ -305,6 +308,94 @@ def merge(a: Moments, b: Moments, *, start=0, reduce=_identity) -> Moments:
 def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Moments:
     """Add one batch z: [N, D] (networks side by side as in m) with optional mask/weights."""
     return merge(m, moments(z, where=where, sizes=m.sizes))
+
+
+# Temporaries one chunk of `update_replicates` may take by default.
+REPLICATE_CHUNK_BYTES = 256 * 2**20
+
+
+def replicate_chunk(
+    width: int,
+    frames: int,
+    replicates: int,
+    *,
+    chunk: int | None = None,
+    budget_bytes: int = REPLICATE_CHUNK_BYTES,
+) -> int:
+    """Replicates `update_replicates` folds at once: ``chunk`` (default: as many as keep the
+    temporaries of `sslsim_jax.memory.bootstrap_bytes` within ``budget_bytes``), at most R,
+    rounded down to a divisor of R — a remainder step would concatenate its results with the
+    rest's, a copy of all R replicates' statistics."""
+    r = int(replicates)
+    if chunk is None:
+        per_replicate = 4 * (3 * int(frames) * int(width) + 2 * int(width) ** 2)
+        chunk = int(budget_bytes) // per_replicate
+    elif int(chunk) < 1:
+        raise ValueError(f"expected chunk >= 1 or None, got {chunk}")
+    chunk = max(1, min(int(chunk), r))
+    return max(c for c in range(1, chunk + 1) if r % c == 0)
+
+
+def update_replicates(
+    m: Moments, z: jax.Array, weights: jax.Array, *, chunk: int | None = None
+) -> Moments:
+    """`update` of R bootstrap replicates: the same frames z, each replicate with its weights.
+
+    Equals ``jax.vmap(lambda mr, w: update(mr, z, where=w))(m, weights)``, but folds ``chunk``
+    replicates at a time (``jax.lax.map``): each replicate centres z on its own weighted mean,
+    so the vmap materialises [R, N, D] centred copies of the batch at once; chunked, the
+    temporaries are [chunk, N, D] whatever R is (`sslsim_jax.memory.bootstrap_bytes`).
+
+    Args:
+        m: R replicates' statistics, every field with a leading [R] axis.
+        z: [N, D] the batch's frames (networks side by side as in m).
+        weights: [R, N] each replicate's frame weights (0 on padded frames).
+        chunk: replicates per step, rounded down to a divisor of R (`replicate_chunk`);
+            None: as many as keep the temporaries ≤ 256 MiB.
+
+    Returns:
+        The updated [R]-stacked `Moments`.
+    """
+    if m.count.ndim != 1:
+        raise ValueError(f"expected m with a leading [R] axis (count [R]), got {m.count.shape}")
+    r = m.count.shape[0]
+    z = jnp.asarray(z)
+    if z.ndim != 2 or z.shape[1] != m.mean.shape[-1]:
+        raise ValueError(f"expected z of shape [N, D={m.mean.shape[-1]}], got {z.shape}")
+    weights = jnp.asarray(weights)
+    if weights.shape != (r, z.shape[0]):
+        raise ValueError(
+            f"expected weights of shape [R, N] = ({r}, {z.shape[0]}), got {weights.shape}"
+        )
+    chunk = replicate_chunk(z.shape[1], z.shape[0], r, chunk=chunk)
+    return map_replicates(lambda mr, w: update(mr, z, where=w), m, weights, chunk=chunk)
+
+
+def map_replicates(fn, m: Moments, weights: jax.Array, *, chunk: int) -> Moments:
+    """``jax.vmap(fn)(m, weights)`` run ``chunk`` replicates at a time (``chunk`` divides R).
+
+    The loop of `update_replicates`, for other per-replicate updates (e.g. the row blocks of
+    `sslsim_jax.sharded`, inside ``shard_map``): ``fn(m_r, w_r) -> m_r``.
+
+    Args:
+        fn: one replicate's update.
+        m: [R]-stacked statistics (any pytree with leading [R] axes).
+        weights: [R, ...] per-replicate weights.
+        chunk: replicates per step; must divide R.
+    """
+    r = weights.shape[0]
+    if chunk < 1 or r % chunk:
+        raise ValueError(f"expected a chunk that divides R = {r}, got {chunk}")
+
+    def one(args):
+        return fn(*args)
+
+    if chunk == r:
+        return jax.vmap(one)((m, weights))
+    # [R, ...] -> [R / chunk, chunk, ...]: lax.map over the steps, vmap within one.
+    steps = jax.tree.map(lambda a: a.reshape((r // chunk, chunk) + a.shape[1:]), (m, weights))
+    out = jax.lax.map(jax.vmap(one), steps)
+    return jax.tree.map(lambda a: a.reshape((r,) + a.shape[2:]), out)
 
 
 def psum(m: Moments, axis_name) -> Moments:

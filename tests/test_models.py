@@ -278,3 +278,40 @@ def test_full_size_parity(tmp_path, size):
         assert_hidden_close(out.hidden_states[i], ref["hidden_states"][i], f"hidden state {i}")
     np.testing.assert_allclose(out.attentions, ref["attentions"], atol=ATTN_ATOL, rtol=0)
     assert float(out.attentions.max()) > 0.2
+
+
+@pytest.mark.parametrize("frames", [1, 7, 8, 33])
+def test_blocked_attention_equals_one_block(frames):
+    from sslsim_jax.models.modules import attention_probs, blocked_attention
+
+    rng = np.random.default_rng(frames)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, frames, 3, 5)), jnp.float32) for _ in "qkv")
+    # The second utterance has padded frames at the end (at least one valid key).
+    mask = jnp.arange(frames)[None, :] < jnp.array([[frames], [max(frames // 2, 1)]])
+    probs = attention_probs(q, k, mask)
+    expected = jnp.einsum("bhts,bshd->bthd", probs, v)
+    actual = jax.jit(lambda q, k, v, m: blocked_attention(q, k, v, m, block=8))(q, k, v, mask)
+    assert actual.shape == (2, frames, 3, 5)
+    np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["wav2vec2-group-postln", "wav2vec2-layer-preln"])
+def test_blocked_model_equals_plain_model_and_transformers(built, name):
+    """Blocks of 8 queries (T = 49 and 129 frames, neither a multiple of 8; padded frames in the
+    batch) give the hidden states of the plain path and of PyTorch."""
+    path, torch_model = built(name)
+    plain = sslsim_jax.load_model(path)
+    blocked = sslsim_jax.intermediates.SpeechModel(plain.config, plain.params, attention_block=8)
+    for samples in (1000, 2600):
+        x = hf_models.waveform(samples, 2, seed=samples)
+        lengths = np.array([samples, samples * 2 // 3])
+        a, b = blocked.intermediates(x, lengths), plain.intermediates(x, lengths)
+        assert a.attentions is None
+        mask = np.asarray(a.frame_mask)
+        assert mask.shape[1] > 8 and not mask.all()
+        hb, hp = np.asarray(a.hidden_states)[:, mask], np.asarray(b.hidden_states)[:, mask]
+        np.testing.assert_allclose(hb, hp, atol=1e-5 * np.abs(hp).max(), rtol=0)
+        with torch.no_grad():
+            ref = torch_model(torch.from_numpy(x[:1]), output_hidden_states=True)
+        theirs = np.stack([h[0].numpy() for h in ref.hidden_states])  # [L+1, T, D]
+        assert_hidden_close(np.asarray(a.hidden_states)[:, 0], theirs)

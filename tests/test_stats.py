@@ -233,3 +233,36 @@ def test_metric_matmuls_are_highest_unless_the_caller_sets_a_precision():
     with jax.default_matmul_precision("tensorfloat32"):
         assert _dot_precisions(lambda z: stats.moments(z).comoment, z) == {"HIGH"}
     assert stats.matmul_precision() == jax.lax.Precision.HIGHEST
+
+
+def vmap_update_replicates(m, z, weights):
+    """The pipeline's replicate update before `stats.update_replicates`: one vmap."""
+    return jax.vmap(lambda mr, w: stats.update(mr, z, where=w))(m, weights)
+
+
+def replicates_of(r, d, sizes):
+    """R identical replicates of statistics with a large mean, stacked [R, ...]."""
+    base = stats.moments(jax.random.normal(jax.random.key(1), (50, d)) + 3.0, sizes=sizes)
+    return jax.tree.map(lambda a: jnp.stack([a] * r), base)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 4, 6])
+def test_update_replicates_equals_vmap(chunk):
+    r, n, sizes = 6, 40, (3, 5)
+    m = replicates_of(r, sum(sizes), sizes)
+    z = jax.random.normal(jax.random.key(2), (n, sum(sizes))) * 2.0 + 5.0
+    weights = jnp.asarray(np.random.default_rng(0).poisson(1.0, (r, n)), jnp.float32)
+    expected = jax.jit(vmap_update_replicates)(m, z, weights)
+    actual = jax.jit(lambda m, z, w: stats.update_replicates(m, z, w, chunk=chunk))(m, z, weights)
+    for field in ("count", "mean", "comoment", "row_cross", "row_gram"):
+        a, e = getattr(actual, field), getattr(expected, field)
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4 * float(jnp.abs(e).max()))
+
+
+def test_update_replicates_input_errors():
+    m = replicates_of(3, 4, (4,))
+    z = jnp.zeros((5, 4))
+    with pytest.raises(ValueError, match="weights"):
+        stats.update_replicates(m, z, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="chunk"):
+        stats.update_replicates(m, z, jnp.ones((3, 5)), chunk=0)

@@ -35,6 +35,13 @@ from sslsim_jax.models.config import ModelConfig, conv_output_length
 
 Dtype = Any
 
+# Queries per block of the blocked attention, used when attention maps are not returned and T
+# exceeds it (`SelfAttention`). Utterances up to 512 frames (10.2 s) run the plain path; at
+# 30 s (T = 1499, base size) blocks of 512 or 256 cost the same CPU time as the plain path
+# (scripts/bench_attention_block.py, 2026-11-28), and a block's scores [B, H, 512, T] stay
+# small next to the conv encoder's activations.
+DEFAULT_ATTENTION_BLOCK = 512
+
 
 def activation(name: str):
     """The activation transformers' ``ACT2FN[name]`` applies (``gelu`` is the exact erf form)."""
@@ -97,12 +104,17 @@ class LayerNorm32(nn.Module):
 
 
 class ConfiguredModule(nn.Module):
-    """Base of the model's modules: the architecture and the dtype/precision settings."""
+    """Base of the model's modules: the architecture and the dtype/precision settings.
+
+    ``attention_block`` (queries per block of the attention when its maps are not returned;
+    None: never blocked) is passed on explicitly by the modules that own attention.
+    """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    attention_block: int | None = DEFAULT_ATTENTION_BLOCK
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -164,11 +176,70 @@ class PositionalConv(ConfiguredModule):
         return activation(cfg.feat_extract_activation)(y)
 
 
+def attention_probs(q: jax.Array, k: jax.Array, key_mask: jax.Array, *, precision=None):
+    """Softmax attention probabilities [B, H, Q, T] (float32) of queries q: [B, Q, H, D/H] over
+    keys k: [B, T, H, D/H]; masked keys (``key_mask`` [B, T] False) get probability 0."""
+    scores = jnp.einsum("bqhd,bthd->bhqt", q, k, precision=precision)
+    scores = scores.astype(jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    block: int,
+    precision=None,
+) -> jax.Array:
+    """Attention output [B, T, H, D/H] computed ``block`` queries at a time.
+
+    Each query row's softmax is exact (the row sees every key), so the result equals the
+    unblocked computation up to float rounding; only one block's scores [B, H, block, T] exist
+    at a time, so memory is linear in T instead of quadratic. T is padded with zero queries to
+    a multiple of ``block``; their rows are computed and dropped.
+
+    Args:
+        q, k, v: [B, T, H, D/H] queries, keys and values.
+        key_mask: [B, T] bool, True on valid frames.
+        block: queries per block (positive).
+        precision: matmul precision.
+
+    Returns:
+        [B, T, H, D/H] in v's dtype.
+    """
+    if block < 1:
+        raise ValueError(f"expected a positive block, got {block}")
+    batch, frames, heads, head_dim = q.shape
+    blocks = -(-frames // block)
+    q = jnp.pad(q, ((0, 0), (0, blocks * block - frames), (0, 0), (0, 0)))
+    # [B, nb·Q, H, D/H] -> [nb, B, Q, H, D/H]: lax.map runs over the leading axis.
+    q = q.reshape(batch, blocks, block, heads, head_dim).swapaxes(0, 1)
+
+    def one(qb):
+        probs = attention_probs(qb, k, key_mask, precision=precision)  # [B, H, Q, T]
+        return jnp.einsum("bhqt,bthd->bqhd", probs.astype(v.dtype), v, precision=precision)
+
+    out = jax.lax.map(one, q)  # [nb, B, Q, H, D/H]
+    # [nb, B, Q, H, D/H] -> [B, nb·Q, H, D/H] -> [B, T, H, D/H]
+    return out.swapaxes(0, 1).reshape(batch, blocks * block, heads, head_dim)[:, :frames]
+
+
 class SelfAttention(ConfiguredModule):
-    """Multi-head self-attention; returns the output and the probabilities [B, H, T, T] (f32)."""
+    """Multi-head self-attention; returns the output and the probabilities [B, H, T, T] (f32).
+
+    Without probabilities (``return_probs=False``) and with more than ``attention_block``
+    frames, the scores are computed ``attention_block`` queries at a time
+    (`blocked_attention`), so long utterances need memory linear in T; the probabilities
+    themselves are [B, H, T, T] and cannot be blocked.
+    """
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array, *, return_probs: bool = True
+    ) -> tuple[jax.Array, jax.Array | None]:
         cfg = self.config
         batch, frames, _ = x.shape
 
@@ -184,13 +255,15 @@ class SelfAttention(ConfiguredModule):
         q = dense("q_proj")(x).reshape(heads)
         k = dense("k_proj")(x).reshape(heads)
         v = dense("v_proj")(x).reshape(heads)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=self.precision)
-        scores = scores.astype(jnp.float32) * (cfg.head_dim**-0.5)
-        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, H, T, T], float32
-        out = jnp.einsum("bhts,bshd->bthd", probs.astype(self.dtype), v, precision=self.precision)
+        block = self.attention_block
+        probs = None
+        if return_probs or block is None or frames <= block:
+            probs = attention_probs(q, k, key_mask, precision=self.precision)  # [B, H, T, T]
+            out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, precision=self.precision)
+        else:
+            out = blocked_attention(q, k, v, key_mask, block=block, precision=self.precision)
         out = out.reshape(batch, frames, cfg.hidden_size)  # [B, T, H, D/H] -> [B, T, D]
-        return dense("out_proj")(out), probs
+        return dense("out_proj")(out), probs if return_probs else None
 
 
 class FeedForward(ConfiguredModule):
@@ -220,19 +293,19 @@ class EncoderLayer(ConfiguredModule):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
         cfg = self.config
         kw = self.settings
-        attention = SelfAttention(cfg, name="attention", **kw)
+        attention = SelfAttention(cfg, name="attention", attention_block=self.attention_block, **kw)
         feed_forward = FeedForward(cfg, name="feed_forward", **kw)
         norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="layer_norm")
         final_norm = LayerNorm32(cfg.layer_norm_eps, self.param_dtype, name="final_layer_norm")
         if cfg.do_stable_layer_norm:
-            h, probs = attention(norm(x), key_mask)
+            h, probs = attention(norm(x), key_mask, return_probs=self.output_attentions)
             x = x + h
             x = x + feed_forward(final_norm(x))
         else:
-            h, probs = attention(x, key_mask)
+            h, probs = attention(x, key_mask, return_probs=self.output_attentions)
             x = norm(x + h)
             x = final_norm(x + feed_forward(x))
-        return x, (x, probs if self.output_attentions else None)
+        return x, (x, probs)
 
 
 class Encoder(ConfiguredModule):
@@ -267,9 +340,13 @@ class Encoder(ConfiguredModule):
             length=cfg.num_hidden_layers,
         )
         first = x
-        x, (hidden, probs) = blocks(cfg, output_attentions=output_attentions, name="layers", **kw)(
-            x, frame_mask
-        )
+        x, (hidden, probs) = blocks(
+            cfg,
+            output_attentions=output_attentions,
+            attention_block=self.attention_block,
+            name="layers",
+            **kw,
+        )(x, frame_mask)
         # [B, T, D] and [L, B, T, D] -> [L+1, B, T, D]
         self.sow("intermediates", "hidden_states", jnp.concatenate([first[None], hidden]))
         if output_attentions:
@@ -289,6 +366,9 @@ class SpeechEncoder(ConfiguredModule):
         precision: matmul/conv precision (``jax.lax.Precision`` or a string such as
             ``"highest"``); None uses JAX's default (or the ``jax.default_matmul_precision``
             context).
+        attention_block: without ``output_attentions``, utterances of more frames than this
+            run attention this many queries at a time (memory linear in T, same result);
+            None never blocks.
     """
 
     @nn.compact
@@ -327,7 +407,8 @@ class SpeechEncoder(ConfiguredModule):
                 cfg.layer_norm_eps, self.param_dtype, name="feature_projection_layer_norm"
             )(features)
         x = nn.Dense(cfg.hidden_size, name="feature_projection", **kw)(features)
-        final = Encoder(cfg, name="encoder", **kw)(x, frame_mask, output_attentions)
+        encoder = Encoder(cfg, name="encoder", attention_block=self.attention_block, **kw)
+        final = encoder(x, frame_mask, output_attentions)
         logits = None
         if cfg.ctc_head:
             logits = nn.Dense(cfg.vocab_size, name="lm_head", **kw)(final).astype(jnp.float32)
