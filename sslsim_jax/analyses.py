@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sslsim_jax.results import layer_key
+from sslsim_jax.analysis.settings import POOLS
+from sslsim_jax.results import LOCALIZATION_COLUMNS, TOPK_COLUMNS, layer_key
 
 __all__ = [
     "LOCALIZATION_COLUMNS",
@@ -38,9 +39,6 @@ __all__ = [
 ]
 
 SIMILARITY_KEY = ("model_a", "layer_a", "model_b", "layer_b", "metric")
-LOCALIZATION_COLUMNS = ("model", "layer", "localized", "distributed", "score")
-TOPK_COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "metric", "k", "value")
-POOLS = ("networks", "models")
 
 
 class LocalizationWarning(UserWarning):

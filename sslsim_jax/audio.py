@@ -91,6 +91,10 @@ class Utterance:
         """Whether ``max_seconds`` cut the file short."""
         return self.duration < self.duration_in - 1.0 / self.sample_rate
 
+    def load(self) -> np.ndarray:
+        """[S] float32 samples (already in memory; `Clip.load` decodes)."""
+        return self.samples
+
     def record(self) -> dict[str, Any]:
         """A JSON-ready description (no samples), for a run's provenance."""
         return {
@@ -296,6 +300,98 @@ def load_utterance(
         channels_in=int(channels),
         format_in=format_in,
         duration_in=frames_in / rate_in,
+    )
+
+
+def resampled_length(frames: int, rate_in: int, rate_out: int = SAMPLE_RATE) -> int:
+    """Samples soxr gives for ``frames`` input samples at ``rate_in`` resampled to ``rate_out``:
+    ``frames · rate_out / rate_in`` rounded half up (checked against soxr in the tests)."""
+    if rate_in == rate_out:
+        return int(frames)
+    return (2 * int(frames) * int(rate_out) + int(rate_in)) // (2 * int(rate_in))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Clip:
+    """An audio file planned from its header, decoded only when its batch comes.
+
+    Attributes:
+        path: the file, as listed.
+        num_samples: S, the model-input samples it will give (after resampling and cropping).
+        sample_rate_in, channels_in, format_in, duration_in: as in `Utterance`.
+        max_seconds: the crop applied when it is decoded.
+    """
+
+    path: str
+    num_samples: int
+    sample_rate_in: int
+    channels_in: int
+    format_in: str
+    duration_in: float
+    max_seconds: float | None = None
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / SAMPLE_RATE
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-ready description, as `Utterance.record`."""
+        return {
+            "path": self.path,
+            "num_samples": self.num_samples,
+            "duration": self.duration,
+            "sample_rate": SAMPLE_RATE,
+            "sample_rate_in": self.sample_rate_in,
+            "channels_in": self.channels_in,
+            "format_in": self.format_in,
+            "duration_in": self.duration_in,
+            "cropped": self.duration < self.duration_in - 1.0 / SAMPLE_RATE,
+        }
+
+    def load(self) -> np.ndarray:
+        """[S] float32 samples, decoded now; an error names the file when it cannot be read or
+        no longer gives the planned length (changed since it was listed)."""
+        samples = load(self.path, max_seconds=self.max_seconds)
+        if samples.shape[0] != self.num_samples:
+            raise AudioError(
+                f"{self.path}: gives {samples.shape[0]} samples, but its header said "
+                f"{self.num_samples} when the run was planned (was the file changed?)"
+            )
+        return samples
+
+
+def probe(path: PathLike, *, max_seconds: float | None = None) -> Clip:
+    """A `Clip` from the file's header alone (``soundfile.info``): nothing is decoded.
+
+    Raises:
+        FileNotFoundError, AudioError: as `load_utterance`, naming the file.
+    """
+    path = os.fspath(path)
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"expected max_seconds > 0 or None, got {max_seconds!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: not a regular file, expected an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    try:
+        info = soundfile.info(path)
+    except (soundfile.SoundFileError, RuntimeError) as e:
+        raise AudioError(f"{path}: not a readable audio file ({e})") from None
+    if info.frames <= 0:
+        raise AudioError(f"{path}: audio file has no samples (zero length)")
+    samples = resampled_length(info.frames, info.samplerate)
+    if max_seconds is not None:
+        samples = min(samples, round(max_seconds * SAMPLE_RATE))
+    return Clip(
+        path=path,
+        num_samples=int(samples),
+        sample_rate_in=int(info.samplerate),
+        channels_in=int(info.channels),
+        format_in=f"{info.format}/{info.subtype}",
+        duration_in=info.frames / info.samplerate,
+        max_seconds=max_seconds,
     )
 
 

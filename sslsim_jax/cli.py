@@ -89,6 +89,14 @@ def _analyze(args: argparse.Namespace) -> int:
     from sslsim_jax.analysis import STATE_DIR, analyze
 
     settings = _settings(args)
+    if args.plan:
+        from sslsim_jax.analysis.run import describe_plan
+
+        print(describe_plan(args.models, settings))
+        return 0
+    for flag in ("audio", "out"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag}: required (unless --plan)")
     distributed.initialize(
         args.coordinator, num_processes=args.num_processes, process_id=args.process_id
     )
@@ -152,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformers checkpoint directory, converted directory or hub id",
     )  # fmt: skip
     analyze.add_argument(
-        "--audio", required=True, nargs="+", metavar="PATH",
+        "--audio", nargs="+", metavar="PATH",
         help="audio directory (wav/flac/ogg, recursive), audio files, or a text file of paths",
     )  # fmt: skip
-    analyze.add_argument("--out", required=True, help="output directory")
+    analyze.add_argument("--out", help="output directory (required unless --plan)")
     add_settings_flags(analyze)
     analyze.add_argument(
         "--coordinator", metavar="HOST:PORT",
@@ -169,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--process-id", type=int, metavar="I", help="multi-process run: this process, 0..P-1"
     )
     analyze.add_argument("--no-report", action="store_true", help="skip figures and report.html")
+    analyze.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the passes the analysis would make under the memory budget (groups, bytes, "
+        "models run) from the models' config.json, and stop; nothing is run",
+    )
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     analyze.set_defaults(func=_analyze)
 

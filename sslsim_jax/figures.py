@@ -27,17 +27,17 @@ from typing import NamedTuple
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sslsim_jax.report import (
-    _cmap,
-    _colour_range,
-    _info,
-    _new_figure,
-    layer_order,
-)
+from sslsim_jax.metrics import registry
+from sslsim_jax.results import layer_order
 
 __all__ = [
+    "colour_map",
+    "colour_range",
+    "metric_info",
+    "new_figure",
     "GridData",
     "grid_matrix",
     "localization_plot",
@@ -47,6 +47,39 @@ __all__ = [
     "topk_curves",
     "topk_plot",
 ]
+
+DPI = 120
+
+
+def metric_info(metric: str) -> registry.Metric:
+    """The registry entry of ``metric``; an unknown one is drawn with a data-driven range and
+    labelled with its raw name."""
+    return registry.METRICS.get(metric) or registry.Metric(
+        metric, metric, "moments", True, low=None
+    )
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def colour_range(info: registry.Metric, values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    low, high = info.low, info.high
+    if low is None:
+        low = min(0.0, float(finite.min())) if finite.size else 0.0
+    if finite.size:
+        # Extend a fixed range rather than clip values outside it (e.g. debiased CKA > 1).
+        low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return low, high
+
+
+def colour_map(info: registry.Metric) -> matplotlib.colors.Colormap:
+    cmap = matplotlib.colormaps["viridis_r" if not info.higher_is_similar else "viridis"]
+    return cmap.with_extremes(bad="#d9d9d9")
+
 
 # Up to this many networks every layer is labelled; above, a regular step keeps about
 # _MAX_TICKS labels per axis (at 6 pt, about 9 per inch on the largest figure).
@@ -166,14 +199,14 @@ def network_grid(
     """
     data = grid_matrix(table, metric, models=models)
     k = len(data.networks)
-    info = _info(metric)
+    info = metric_info(metric)
     side = min(max(4.0 + 0.062 * k, 6.0), 13.5)
-    fig = _new_figure(side + 2.0, side + 0.6)
+    fig = new_figure(side + 2.0, side + 0.6)
     ax = fig.add_subplot()
-    norm = matplotlib.colors.Normalize(*_colour_range(info, data.matrix))
+    norm = matplotlib.colors.Normalize(*colour_range(info, data.matrix))
     image = ax.imshow(
         np.ma.masked_invalid(data.matrix),
-        cmap=_cmap(info),
+        cmap=colour_map(info),
         norm=norm,
         aspect="equal",
         interpolation="nearest",
@@ -235,7 +268,7 @@ def localization_plot(loc: pd.DataFrame) -> Figure:
     if missing or loc.empty:
         raise ValueError(f"expected a localization frame with rows, missing columns {missing}")
     models = list(dict.fromkeys(loc["model"]))
-    fig = _new_figure(8.0, 6.4)
+    fig = new_figure(8.0, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     colours = matplotlib.colormaps["tab10" if len(models) <= 10 else "tab20"].colors
     width = 0
@@ -322,7 +355,7 @@ def topk_plot(
     colours = matplotlib.colormaps["tab10" if len(models) <= 10 else "tab20"].colors
     ncols = min(2, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
-    fig: Figure = _new_figure(1.8 + 4.0 * ncols, 0.9 + 3.0 * nrows)
+    fig: Figure = new_figure(1.8 + 4.0 * ncols, 0.9 + 3.0 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, metric in zip(axes, metrics, strict=False):
         for i, model in enumerate(models):
@@ -330,7 +363,7 @@ def topk_plot(
             rows = rows.sort_values("k")
             colour = colours[i % len(colours)]
             ax.plot(rows["k"], rows["value"], marker="o", ms=3, color=colour, label=model)
-        ax.set_title(f"{_info(metric).label} ({metric})", fontsize=9)
+        ax.set_title(f"{metric_info(metric).label} ({metric})", fontsize=9)
         ax.set_xlabel("k (fraction of neurons / directions kept)")
         ax.set_ylabel("mean top-k value")
         ax.grid(True, alpha=0.3)

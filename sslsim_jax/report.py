@@ -31,9 +31,9 @@ from urllib.parse import quote
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sslsim_jax import figures
 from sslsim_jax import results as results_schema
 from sslsim_jax.metrics import registry
 from sslsim_jax.results import (
@@ -58,16 +58,15 @@ __all__ = [
 ]
 
 ANNOTATE_MAX = 13
-_DPI = 120
 
 
 # Labels, bounds and directions come from the metric registry; the report adds none of its own.
 METRIC_INFO = registry.METRICS
-
-
-def _info(metric: str) -> registry.Metric:
-    # Unknown metrics are drawn with a data-driven range and labelled with their raw name.
-    return METRIC_INFO.get(metric) or registry.Metric(metric, metric, "moments", True, low=None)
+_info = figures.metric_info
+_new_figure = figures.new_figure
+_colour_range = figures.colour_range
+_cmap = figures.colour_map
+_DPI = figures.DPI
 
 
 def _head_info(method: str) -> registry.Metric:
@@ -78,28 +77,6 @@ def _head_info(method: str) -> registry.Metric:
 
 # ---------------------------------------------------------------------------------------------
 # Figures
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _colour_range(info: registry.Metric, values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    low, high = info.low, info.high
-    if low is None:
-        low = min(0.0, float(finite.min())) if finite.size else 0.0
-    if finite.size:
-        # Extend a fixed range rather than clip values outside it (e.g. debiased CKA > 1).
-        low, high = min(low, float(finite.min())), max(high, float(finite.max()))
-    return low, high
-
-
-def _cmap(info: registry.Metric) -> matplotlib.colors.Colormap:
-    cmap = matplotlib.colormaps["viridis_r" if not info.higher_is_similar else "viridis"]
-    return cmap.with_extremes(bad="#d9d9d9")
 
 
 def _tick_size(n: int) -> float:
@@ -673,10 +650,21 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
             if info.x_centric
             else "Symmetric: only one order of each model pair is drawn."
         )
+        # The paper's figure leads: every network of every model in one grid.
+        rows = sim[sim.metric == metric]
+        present = set(rows.model_a) | set(rows.model_b)
+        order = [m for m in results.models if m in present]  # run.json order
+        grid = figures.network_grid(sim, metric, models=order, frames=frames)
+        grid_caption = (
+            f"{info.label} of every network (model:layer) with every other, intra- and "
+            f"inter-model; model blocks outlined; {info.direction}."
+        )
         parts = [
             f'<h2 id="{anchor}">{_esc(info.label)} (<code>{_esc(metric)}</code>)</h2>'
             f"<p>{_esc(info.direction.capitalize())}. {_esc(relation)}</p>"
-            f'<div class="figures">'
+            + _figure_html(emit(grid, f"grid_{_slug(metric)}.png", grid_caption))
+            + "<details><summary>Per model pair</summary>"
+            '<div class="figures">'
         ]
         tables = []
         for a, b in _model_pairs(results, metric):
@@ -691,10 +679,36 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
                 f"<details><summary>Table: {_esc(a)} (rows) vs {_esc(b)} (columns)</summary>"
                 f"{_matrix_table(results, metric, a, b)}</details>"
             )
-        parts.append("</div>")
+        parts.append("</div></details>")
         if results.has_ci:
             tables.insert(0, "<p>Hover a cell for its bootstrap confidence interval.</p>")
         parts.extend(tables)
+        sections.append("".join(parts))
+
+    if results.localization is not None or results.topk is not None:
+        parts = [
+            '<h2 id="neurons-vs-subspaces">Neurons or subspaces? (Wu et al.)</h2>'
+            '<div class="figures">'
+        ]
+        if results.localization is not None:
+            caption = (
+                "Localization score by layer: z(mean max correlation with the other networks) "
+                "− z(mean SVCCA with them). Positive: the information sits in single neurons "
+                "more than the run's average; negative: it is distributed over a subspace."
+            )
+            fig = figures.localization_plot(results.localization)
+            parts.append(_figure_html(emit(fig, "localization.png", caption)))
+        if results.topk is not None and len(results.topk):
+            pool = results.run.get("settings", {}).get("neuron_pool", "networks")
+            caption = (
+                "Top-k similarity against k: the mean of each network's top fraction k of its "
+                "per-neuron (maxcorr, linreg) or per-direction (SVCCA, PWCCA) scores, averaged "
+                "over its partners; k = 1 is the metric itself. Flat curves: the similarity is "
+                "spread over many neurons; steep ones: a few neurons carry it."
+            )
+            fig = figures.topk_plot(results.topk, pool=pool)
+            parts.append(_figure_html(emit(fig, "topk.png", caption)))
+        parts.append("</div>")
         sections.append("".join(parts))
 
     if results.attention_heads is not None:

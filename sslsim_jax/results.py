@@ -14,6 +14,10 @@ through `write_table` / `write_json` (which check the columns) and the report re
   correlation``.
 - ``neuron_rankings.csv``: ``model, layer, neuron, maxcorr, mincorr, maxcorr_rank,
   mincorr_rank, constant`` (Wu et al.'s rankings against the other models' networks).
+- ``topk.csv``: ``model_a, layer_a, model_b, layer_b, metric, k, value``: Wu et al.'s top-k
+  of maxcorr, linreg, svcca and pwcca for k = 0.1, …, 1.0 (k = 1 is the metric itself).
+- ``localization.csv``: ``model, layer, localized, distributed, score``: Wu et al.'s
+  localization score (z(mean maxcorr) − z(mean svcca) over the networks of the run).
 - ``run.json``: models (name, path, config and weights digests, …), fine-tune pairs, frame and
   utterance counts, settings and versions.
 
@@ -59,6 +63,8 @@ SIMILARITIES = "similarities.csv"
 ATTENTION_HEADS = "attention_heads.csv"
 NEURONS = "neurons.csv"
 NEURON_RANKINGS = "neuron_rankings.csv"
+TOPK = "topk.csv"
+LOCALIZATION = "localization.csv"
 RUN = "run.json"
 REPORT = "report.html"
 FIGURES = "figures"
@@ -86,8 +92,12 @@ NEURON_RANKING_COLUMNS = (
     "mincorr_rank",
     "constant",
 )
+TOPK_COLUMNS = ("model_a", "layer_a", "model_b", "layer_b", "metric", "k", "value")
+LOCALIZATION_COLUMNS = ("model", "layer", "localized", "distributed", "score")
 # Each table's required columns, in the order they are written.
 COLUMNS: dict[str, tuple[str, ...]] = {
+    TOPK: TOPK_COLUMNS,
+    LOCALIZATION: LOCALIZATION_COLUMNS,
     SIMILARITIES: SIMILARITY_COLUMNS,
     ATTENTION_HEADS: HEAD_COLUMNS,
     NEURONS: NEURON_COLUMNS,
@@ -210,6 +220,8 @@ class Results:
         (and ``ci_low``, ``ci_high`` when present) floats.
       attention_heads: the head-level table, or None when the run wrote none.
       neurons: the neuron-level table, or None when the run wrote none.
+      topk: Wu et al.'s top-k table, or None.
+      localization: the localization scores, or None.
     """
 
     out_dir: Path
@@ -217,6 +229,8 @@ class Results:
     similarities: pd.DataFrame
     attention_heads: pd.DataFrame | None = None
     neurons: pd.DataFrame | None = None
+    topk: pd.DataFrame | None = None
+    localization: pd.DataFrame | None = None
     models: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -302,7 +316,9 @@ def _check_unique(frame: pd.DataFrame, path: Path, key: Sequence[str]) -> None:
 
 
 def _check_models(frame: pd.DataFrame, path: Path, models: Sequence[str]) -> None:
-    for c in ("model_a", "model_b"):
+    for c in ("model_a", "model_b", "model"):
+        if c not in frame.columns:
+            continue
         unknown = sorted(set(frame[c]) - set(models))
         if unknown:
             raise ResultsError(
@@ -379,28 +395,58 @@ def read_results(out_dir: str | os.PathLike[str]) -> Results:
     _check_models(similarities, sim_path, models)
     _check_unique(similarities, sim_path, SIMILARITY_COLUMNS[:5])
 
-    heads = None
-    head_path = out / ATTENTION_HEADS
-    if head_path.exists():
-        heads = _read_csv(
-            head_path,
-            HEAD_COLUMNS,
+    optional = {
+        name: _read_optional(out / name, models, unique=unique, **kinds)
+        for name, (kinds, unique) in _OPTIONAL.items()
+    }
+    return Results(
+        out,
+        run,
+        similarities,
+        optional[ATTENTION_HEADS],
+        optional[NEURONS],
+        optional[TOPK],
+        optional[LOCALIZATION],
+    )
+
+
+# The optional tables: their text, number and integer columns, and their key (checked unique).
+_OPTIONAL = {
+    ATTENTION_HEADS: (
+        dict(
             text=("model_a", "layer_a", "model_b", "layer_b", "method"),
             numbers=("value",),
             integers=("head_a", "head_b"),
-        )
-        _check_models(heads, head_path, models)
-        _check_unique(heads, head_path, HEAD_COLUMNS[:7])
-
-    neurons = None
-    neuron_path = out / NEURONS
-    if neuron_path.exists():
-        neurons = _read_csv(
-            neuron_path,
-            NEURON_COLUMNS,
+        ),
+        HEAD_COLUMNS[:7],
+    ),
+    NEURONS: (
+        dict(
             text=("model_a", "layer_a", "model_b", "layer_b"),
             numbers=("correlation",),
             integers=("neuron_a", "matched_neuron_b"),
-        )
-        _check_models(neurons, neuron_path, models)
-    return Results(out, run, similarities, heads, neurons)
+        ),
+        (),
+    ),
+    TOPK: (
+        dict(text=("model_a", "layer_a", "model_b", "layer_b", "metric"), numbers=("k", "value")),
+        (),
+    ),
+    LOCALIZATION: (
+        dict(text=("model", "layer"), numbers=("localized", "distributed", "score")),
+        (),
+    ),
+}
+
+
+def _read_optional(
+    path: Path, models: Sequence[str], *, unique: Sequence[str], **kinds
+) -> pd.DataFrame | None:
+    """An optional table (None when the run wrote none), validated like the required ones."""
+    if not path.exists():
+        return None
+    frame = _read_csv(path, COLUMNS[path.name], **kinds)
+    _check_models(frame, path, models)
+    if unique:
+        _check_unique(frame, path, unique)
+    return frame

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
+import soxr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -578,3 +579,22 @@ def test_padding_grid_has_few_lengths_and_batches_use_it():
             [65600, 68800], batch_seconds=seconds, multiple_of=4000, steps=16
         )
         assert batches == expected
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 22050, 32000, 44100, 48000, 16000])
+@pytest.mark.parametrize("frames", [1, 7, 1000, 12345, 44101, 99999])
+def test_resampled_length_is_what_soxr_gives(rate, frames):
+    got = soxr.resample(np.zeros(frames, np.float32), rate, 16000, quality="VHQ")
+    assert audio.resampled_length(frames, rate) == len(got)
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
+@pytest.mark.parametrize("max_seconds", [None, 1.3, 9.0])
+def test_probe_plans_the_decoded_length_from_the_header(tmp_path, fmt, max_seconds):
+    path = tmp_path / f"x.{fmt.lower()}"
+    x = (np.sin(np.arange(22050 * 3) / 10) * 0.3).astype(np.float32)
+    soundfile.write(path, np.stack([x, -x], 1), 22050, format=fmt)
+    clip = audio.probe(path, max_seconds=max_seconds)
+    utterance = audio.load_utterance(path, max_seconds=max_seconds)
+    assert clip.num_samples == utterance.num_samples == len(clip.load())
+    assert clip.record() == utterance.record()

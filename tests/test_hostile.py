@@ -156,3 +156,53 @@ def test_the_cli_says_how_much_space_the_statistics_keep(model_dir, tmp_path, ca
     assert cli.main([*args, "--metrics", "linear_cka", "--no-report"]) == 0
     said = capsys.readouterr().out
     assert f"statistics kept in {out / STATE_DIR}" in said and "MB" in said
+
+
+def test_a_file_failing_to_decode_mid_run_is_named_and_the_run_resumes(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    """Audio is planned from headers and decoded batch by batch: a file that cannot be decoded
+    when its batch comes stops the run with its name, and the checkpoints before it stay valid."""
+    clips = [str(tmp_path / f"c{i}.wav") for i in range(3)]
+    for i, clip in enumerate(clips):
+        shutil.copy(SPEECH[i], clip)
+    load = audio.load
+
+    def failing(path, **kwargs):
+        if os.fspath(path) == clips[2]:
+            raise audio.AudioError(f"{path}: not a readable audio file (simulated)")
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(audio, "load", failing)
+    args = ["analyze", model_dir, "--audio", *clips, "--out", str(tmp_path / "out"), "--quiet",
+            "--metrics", "linear_cka", "--no-report", "--max-seconds", "1",
+            "--batch-seconds", "1", "--checkpoint-seconds", "0"]  # fmt: skip
+    line = cli_error(capsys, *args)
+    assert line.endswith(f"{clips[2]}: not a readable audio file (simulated)")
+    (checkpoint,) = (tmp_path / "out" / STATE_DIR).glob("*.npz")
+    with np.load(checkpoint) as arrays:
+        assert int(arrays["done"]) == 2
+    monkeypatch.setattr(audio, "load", load)
+    assert cli.main(args) == 0
+    fresh = quick([model_dir], clips, tmp_path / "fresh")
+    table = pd.read_csv(tmp_path / "out" / results.SIMILARITIES)
+    np.testing.assert_allclose(table.value, fresh.value, rtol=1e-6)
+
+
+def test_attention_maps_of_a_long_utterance_stop_before_the_first_batch(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    """The maps of the longest utterance (L·H·T² floats) are checked against the memory before
+    any model runs: a one-line error naming --max-seconds, never the hang of a failed
+    allocation."""
+    from sslsim_jax import memory
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.random.default_rng(0).standard_normal(16000 * 120) * 0.1, 16000)
+    monkeypatch.setattr(memory, "available_memory", lambda **kw: (2 * 10**9, "test RAM"))
+    line = cli_error(
+        capsys, "analyze", model_dir, "--audio", str(long), "--out", str(tmp_path / "out"),
+        "--attention", "--quiet", "--no-report",
+    )  # fmt: skip
+    assert line.startswith("sslsim analyze: error: --max-seconds: an utterance of 120.0 s")
+    assert "of maps" in line and "use --max-seconds" in line

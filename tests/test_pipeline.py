@@ -3,6 +3,7 @@ and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -19,7 +20,7 @@ import soundfile as sf
 
 import sslsim_jax
 from sslsim_jax import audio, cli, demo
-from sslsim_jax.analysis import STATE_DIR, Settings, analyze
+from sslsim_jax.analysis import STATE_DIR, Settings, analyze, prepare_models
 from sslsim_jax.checkpoints import save_converted
 
 SPEECH = audio.demo_audio_paths()
@@ -53,7 +54,7 @@ def analysis(models, tmp_path_factory):
     settings = Settings(
         metrics=("linear_cka", "maxcorr", "svcca", "debiased_cka"),
         attention=True,
-        attention_methods=("fro", "js"),
+        attention_methods=("fro", "js", "linear_cka"),
         batch_seconds=5.0,
         bootstrap=4,
     )
@@ -87,6 +88,34 @@ def test_table_equals_library_on_the_same_activations(models, analysis):
     np.testing.assert_allclose(merged.value_x, merged.value_y, atol=2e-5)
 
 
+def test_rbf_cka_on_the_stated_frame_subsample(models, tmp_path):
+    """rbf_cka from the CLI equals the library's RBF CKA on the frames `rbf_plan` names, taken
+    from each utterance run alone; it has no bootstrap interval."""
+    from sslsim_jax.analysis.extract import rbf_plan
+    from sslsim_jax.metrics.representation import rbf_cka_matrix
+
+    settings = Settings(
+        metrics=("rbf_cka", "linear_cka"), max_seconds=1.5, rbf_frames=120, bootstrap=2
+    )
+    table = analyze(models[:1], SPEECH[:2], tmp_path, settings, progress=False, report=False)
+    model = sslsim_jax.load_model(models[0])
+    hidden = []
+    for p in SPEECH[:2]:
+        x = audio.load(p, max_seconds=1.5)
+        x = audio.normalize(x[None], np.array([len(x)]))
+        hidden.append(np.asarray(model.intermediates(x).hidden_states)[:, 0])  # [L+1, T, D]
+    entries = prepare_models([("w2v", model)], settings)
+    chosen = rbf_plan(entries, [int(audio.load(p, max_seconds=1.5).size) for p in SPEECH[:2]],
+                      settings)  # fmt: skip
+    frames = np.concatenate([h[:, t] for h, t in zip(hidden, chosen, strict=True)], axis=1)
+    assert frames.shape[1] == 120
+    expected = np.asarray(rbf_cka_matrix(list(frames), max_frames=120))
+    rbf = table[table.metric == "rbf_cka"]
+    got = rbf.pivot(index="layer_a", columns="layer_b", values="value").to_numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert rbf.ci_low.isna().all() and table[table.metric == "linear_cka"].ci_low.notna().all()
+
+
 def test_outputs_and_provenance(analysis, models):
     out, table = analysis
     written = pd.read_csv(out / "similarities.csv", dtype={"layer_a": str, "layer_b": str})
@@ -98,6 +127,7 @@ def test_outputs_and_provenance(analysis, models):
     assert (layer_metrics.ci_low <= layer_metrics.ci_high + 1e-9).all()
     assert set(written.metric) == {
         "linear_cka", "maxcorr", "svcca", "debiased_cka", "attention_fro", "attention_js",
+        "attention_linear_cka",
     }  # fmt: skip
     assert {"final"} <= set(written[written.model_a == "hubert"].layer_a)
     run = json.loads((out / "run.json").read_text())
@@ -113,6 +143,46 @@ def test_outputs_and_provenance(analysis, models):
     ranks = pd.read_csv(out / "neuron_rankings.csv")
     assert set(ranks.maxcorr_rank) == set(range(1, 97))
     assert (out / "report.html").is_file() and any((out / "figures").glob("heatmap_*.png"))
+    grids = {p.name for p in (out / "figures").glob("grid_*.png")}
+    assert grids == {f"grid_{m}.png" for m in set(written.metric)}
+    assert {"localization.png", "topk.png"} <= {p.name for p in (out / "figures").glob("*.png")}
+
+
+def test_topk_at_one_is_the_metric_and_localization_follows_the_table(analysis):
+    """topk.csv and localization.csv come from the run's statistics and table; recomputed here
+    with NumPy from similarities.csv (Wu et al.: z-scores with ddof = 1, every other network)."""
+    out, _ = analysis
+    table = pd.read_csv(out / "similarities.csv", dtype={"layer_a": str, "layer_b": str})
+    topk = pd.read_csv(out / "topk.csv", dtype={"layer_a": str, "layer_b": str})
+    assert set(topk.metric) == {"maxcorr", "svcca"}
+    np.testing.assert_allclose(sorted(set(topk.k)), np.arange(1, 11) / 10)
+    keys = ["model_a", "layer_a", "model_b", "layer_b", "metric"]
+    at_one = topk[topk.k == 1.0].merge(table, on=keys, suffixes=("", "_table"))
+    assert len(at_one) == 2 * 11 * 11
+    np.testing.assert_allclose(at_one.value, at_one.value_table, atol=2e-5)
+    top = topk[topk.k == 0.1].merge(table, on=keys, suffixes=("", "_table"))
+    assert (top.value >= top.value_table - 1e-5).all()  # the top tenth is above the mean
+
+    loc = pd.read_csv(out / "localization.csv", dtype={"layer": str})
+    others = table[(table.model_a + table.layer_a) != (table.model_b + table.layer_b)]
+    means = others.groupby(["model_a", "layer_a", "metric"]).value.mean().unstack()
+    z = (means - means.mean()) / means.std(ddof=1)
+    expected = (z["maxcorr"] - z["svcca"]).rename("expected").reset_index()
+    got = loc.merge(expected, left_on=["model", "layer"], right_on=["model_a", "layer_a"])
+    assert len(got) == 11
+    np.testing.assert_allclose(got.score, got.expected, atol=1e-9)
+
+
+def test_attention_map_cka_is_one_on_the_diagonal_and_symmetric(analysis):
+    _, table = analysis
+    cka = table[table.metric == "attention_linear_cka"]
+    assert len(cka) == (4 + 4) ** 2  # every attention layer of both models, both orders
+    same = cka[(cka.model_a == cka.model_b) & (cka.layer_a == cka.layer_b)]
+    np.testing.assert_allclose(same.value, 1.0, atol=1e-5)
+    pivot = cka.pivot_table(
+        index=["model_a", "layer_a"], columns=["model_b", "layer_b"], values="value"
+    )
+    np.testing.assert_allclose(pivot.to_numpy(), pivot.to_numpy().T, atol=1e-6)
 
 
 def test_attention_layer_score_matches_head_table(analysis):
@@ -346,12 +416,17 @@ def test_finished_run_reuses_its_statistics_for_other_metrics(models, analysis, 
     settings = Settings(
         metrics=("procrustes",),
         attention=True,
-        attention_methods=("fro", "js"),
+        attention_methods=("fro", "js", "linear_cka"),
         batch_seconds=5.0,
         bootstrap=4,
     )
     table = analyze(models, SPEECH[:3], out, settings, progress=False, report=False)
-    assert set(table.metric) == {"procrustes", "attention_fro", "attention_js"}
+    assert set(table.metric) == {
+        "procrustes",
+        "attention_fro",
+        "attention_js",
+        "attention_linear_cka",
+    }
     self_pairs = table[(table.metric == "procrustes") & (table.model_a == table.model_b)]
     self_pairs = self_pairs[self_pairs.layer_a == self_pairs.layer_b]
     np.testing.assert_allclose(self_pairs.value, 0.0, atol=1e-4)
@@ -386,25 +461,82 @@ def test_precision_and_dtype_settings_reach_the_models_and_metrics(models, tmp_p
 
 
 def test_statistics_too_large_for_the_device_fail_early(capsys, models, tmp_path, monkeypatch):
-    # The module, not the `extract` function the package re-exports under the same name.
+    """Under the device's memory the statistics run in passes; only when one pair of networks
+    cannot fit does the run stop, before any model runs, naming --max-memory."""
+    plan = importlib.import_module("sslsim_jax.analysis.plan")
     extract = importlib.import_module("sslsim_jax.analysis.extract")
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("must fail before running the models")
 
-    # Two tiny models of width 96, 5 layers + "final" (pre-LN hubert): D = 1056,
-    # 4·D²·(1 + 10 + 3) ≈ 62.4 MB.
-    monkeypatch.setattr(extract, "_memory_limit", lambda device: (4_000_000, "test device"))
+    # Two networks of width 96: 4·192²·(1 + 10 + 3) ≈ 2.06 MB, more than 1 MB.
+    monkeypatch.setattr(plan, "memory_limit", lambda device: (1_000_000, "test device"))
     monkeypatch.setattr(sslsim_jax.SpeechModel, "intermediates", no_extraction)
     line = cli_error(capsys, *analyze_args(models, SPEECH[:1], tmp_path, "--bootstrap", "10"))
-    assert (
-        "11 networks (1056 neurons) with --bootstrap 10 need about 62.4 MB per device, "
-        "more than the 4.0 MB of test device" in line
+    assert line.endswith(
+        "--max-memory: one pair of networks (192 neurons, bootstrap 10) needs 2.1 MB per "
+        "device, more than the budget of 1.0 MB: raise it, keep fewer replicates or split the "
+        "statistics over devices (stat_shards)"
     )
-    assert "--layers" in line and "--bootstrap" in line and "--stat-shards" in line
-    monkeypatch.setattr(extract, "_memory_limit", lambda device: (10**12, "test device"))
+    # The statistics of 11 networks (1056 neurons): 4·1056²·14 ≈ 62.4 MB.
+    monkeypatch.setattr(plan, "memory_limit", lambda device: (4_000_000, "test device"))
     mesh = jax.sharding.Mesh(jax.devices(), "d")
+    with pytest.raises(ValueError, match="need about 62.4 MB per device, more than the 4.0 MB"):
+        extract.check_memory((96,) * 11, Settings(bootstrap=10), mesh)
+    monkeypatch.setattr(plan, "memory_limit", lambda device: (10**12, "test device"))
     extract.check_memory((96,) * 10, Settings(bootstrap=10), mesh)  # fits: no error
+
+
+# 4·W²·(1 + 2 + 3) bytes for W neurons: 14.2 MB holds 768 neurons, groups of at most 384 (4
+# networks of 96), so the 11 networks of the two models make 3 groups and 3 passes.
+PASSES = Settings(
+    metrics=("maxcorr", "linreg", "svcca", "pwcca", "linear_cka", "debiased_cka", "procrustes"),
+    max_seconds=1.0,
+    bootstrap=2,
+    batch_seconds=1.0,
+    checkpoint_seconds=0,
+    max_memory="14155776",
+)
+
+
+def test_several_passes_equal_one_pass(models, tmp_path):
+    from sslsim_jax.analysis.plan import plan_passes
+
+    assert len(plan_passes((96,) * 11, budget=14155776, bootstrap=2).passes) == 3
+    # More frames (~400) than neurons (96): with fewer, canonical correlations tie at 1 and
+    # PWCCA's weights depend on float rounding in any implementation (see test_metrics).
+    many = dataclasses.replace(PASSES, max_seconds=2.0, batch_seconds=2.0)
+    one = dataclasses.replace(many, max_memory=None)
+    analyze(models, SPEECH[:4], tmp_path / "one", one, progress=False, report=False)
+    analyze(models, SPEECH[:4], tmp_path / "three", many, progress=False, report=False)
+    run = json.loads((tmp_path / "three" / "run.json").read_text())
+    assert len(run["plan"]["passes"]) == 3 and len(run["plan"]["groups"]) == 3
+    for name in ("similarities.csv", "neurons.csv", "neuron_rankings.csv", "topk.csv",
+                 "localization.csv"):  # fmt: skip
+        a = pd.read_csv(tmp_path / "one" / name)
+        b = pd.read_csv(tmp_path / "three" / name)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-5, obj=name)
+
+
+def test_a_run_interrupted_between_passes_resumes(models, tmp_path, monkeypatch):
+    from sslsim_jax.analysis import state as state_lib
+
+    save, saved = state_lib.save_checkpoint, []
+
+    def save_then_stop(path, state):
+        save(path, state)
+        saved.append(path)
+        if len(set(saved)) == 2:  # the first checkpoint of the second pass
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(state_lib, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(models, SPEECH[:2], tmp_path / "out", PASSES, progress=False, report=False)
+    monkeypatch.setattr(state_lib, "save_checkpoint", save)
+    assert len(list((tmp_path / "out" / STATE_DIR).glob("*.npz"))) == 2
+    resumed = analyze(models, SPEECH[:2], tmp_path / "out", PASSES, progress=False, report=False)
+    fresh = analyze(models, SPEECH[:2], tmp_path / "fresh", PASSES, progress=False, report=False)
+    pd.testing.assert_frame_equal(resumed, fresh, check_exact=False, rtol=1e-6)
 
 
 def test_compiled_programs_are_cached_across_runs(models, tmp_path):

@@ -277,10 +277,11 @@ def test_build_report_writes_every_figure(built):
         for m in ("fro", "js")
         for a, b in (("w2v-post", "hub-pre"), ("hub-pre", "w2v-post"))
     }
+    expected |= {f"grid_{m}.png" for m in METRICS}  # the paper's all-networks figure
     assert figures == expected
     for name in figures:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.partial"))
 
 
 def test_report_html_references_figures_and_provenance(built):
@@ -380,7 +381,7 @@ def test_rebuild_replaces_files_atomically(tmp_path):
     before = Path(first).stat().st_ino
     assert report.build_report(out) == first
     assert Path(first).stat().st_ino != before  # replaced by rename, not rewritten in place
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.partial"))
 
 
 def test_model_names_with_the_same_slug_get_distinct_files(tmp_path):
@@ -391,5 +392,6 @@ def test_model_names_with_the_same_slug_get_distinct_files(tmp_path):
     )
     (out / "run.json").write_text(json.dumps({"models": [{"name": "m/x"}, {"name": "m x"}]}))
     page = Path(report.build_report(out)).read_text(encoding="utf-8")
-    assert len(set(re.findall(r'<img src="([^"]+)"', page))) == 3
-    assert len(list((out / "figures").glob("*.png"))) == 3
+    heatmaps = {f for f in re.findall(r'<img src="([^"]+)"', page) if "heatmap_" in f}
+    assert len(heatmaps) == 3
+    assert len(list((out / "figures").glob("heatmap_*.png"))) == 3

@@ -17,9 +17,9 @@ count or NaN check); the jitted statistics update reduces across devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,13 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslsim_jax import audio, distributed, sharded, stats
+from sslsim_jax import audio, distributed, memory, sharded, stats
+from sslsim_jax.analysis import plan as plan_lib
 from sslsim_jax.analysis import state as state_lib
-from sslsim_jax.analysis.inputs import PAD_MULTIPLE, PAD_STEPS, poisson_weights
+from sslsim_jax.analysis.inputs import PAD_MULTIPLE, PAD_STEPS, poisson_weights, prefetch
 from sslsim_jax.analysis.networks import ModelEntry, network_sizes
+from sslsim_jax.analysis.plan import size_text, statistics_bytes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import State
 from sslsim_jax.metrics import attention as attn
+from sslsim_jax.metrics import attention_maps
 
 
 def run_mesh(settings: Settings) -> jax.sharding.Mesh:
@@ -46,7 +49,8 @@ def _update(m: stats.Moments, z: jax.Array, where: jax.Array) -> stats.Moments:
 
 
 def _update_replicates(m: stats.Moments, z: jax.Array, weights: jax.Array) -> stats.Moments:
-    return jax.vmap(lambda mr, w: stats.update(mr, z, where=w))(m, weights)
+    # A chunk of replicates at a time: temporaries [chunk, N, D], not [R, N, D].
+    return stats.update_replicates(m, z, weights)
 
 
 @functools.cache
@@ -55,6 +59,12 @@ def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
     ``"data"`` and the statistics leave replicated, so XLA reduces across devices."""
     out = distributed.replicated(mesh)
     return jax.jit(_update, out_shardings=out), jax.jit(_update_replicates, out_shardings=out)
+
+
+@functools.cache
+def _map_updater(mesh: jax.sharding.Mesh) -> Callable:
+    """The jitted update of the attention-map statistics (`attention_maps.update`)."""
+    return jax.jit(attention_maps.update, out_shardings=distributed.replicated(mesh))
 
 
 def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequence[str]) -> None:
@@ -72,20 +82,6 @@ def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequenc
         )
 
 
-def _memory_limit(device) -> tuple[int, str]:
-    """(bytes, description) of the memory one device of the mesh can use."""
-    stats_ = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats_ and stats_.get("bytes_limit"):
-        return int(stats_["bytes_limit"]), f"{device.device_kind} {device.platform} device"
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    cpus = sum(d.platform == "cpu" for d in jax.local_devices())
-    return ram // max(cpus, 1), "host memory per CPU device"
-
-
-def _size(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
     """Fails early, naming the settings to change, when the joint statistics cannot fit.
 
@@ -95,20 +91,72 @@ def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
     """
     shards = settings.stat_shards
     width = sum(sharded.Layout(tuple(sizes), shards).padded_sizes if shards > 1 else sizes)
-    need = 4 * width**2 * (1 + settings.bootstrap + 3) / shards
-    limit, what = _memory_limit(mesh.devices.flat[0])
+    need = statistics_bytes(width, bootstrap=settings.bootstrap, shards=shards)
+    limit, what = plan_lib.memory_limit(mesh.devices.flat[0])
     if need > limit:
         raise AnalysisError(
             f"the joint statistics of {len(sizes)} networks ({width} neurons) with "
-            f"--bootstrap {settings.bootstrap} need about {_size(need)} per device, more "
-            f"than the {_size(limit)} of {what}: keep fewer --layers, lower --bootstrap, "
+            f"--bootstrap {settings.bootstrap} need about {size_text(need)} per device, more "
+            f"than the {size_text(limit)} of {what}: keep fewer --layers, lower --bootstrap, "
             f"or split them over devices with --stat-shards (now {shards})"
         )
 
 
+def check_forward(entries, lengths, batches, settings: Settings, mesh) -> None:
+    """Before the first batch: each padded batch shape must fit one forward pass of each model
+    (with attention maps when asked: L·H·T² floats per utterance), else a one-line error that
+    names ``max_seconds`` (`sslsim_jax.memory.check_forward_memory`)."""
+    limit, what = memory.device_memory(mesh.devices.flat[0])
+    devices = distributed.batch_multiple(mesh)
+    shapes = {
+        (
+            -len(b) % devices + len(b),
+            audio.padded_length(max(lengths[i] for i in b), PAD_MULTIPLE, PAD_STEPS),
+        )
+        for b in batches
+    }
+    for batch, samples in sorted(shapes, key=lambda bs: bs[0] * bs[1] ** 2, reverse=True)[:3]:
+        try:
+            memory.check_forward_memory(
+                {e.name: e.model.config for e in entries},
+                samples,
+                max(batch // devices, 1),
+                attentions=settings.attention,
+                limit_bytes=limit,
+                limit_description=what,
+            )
+        except ValueError as e:
+            raise AnalysisError(str(e), argument="max_seconds") from None
+
+
+def rbf_plan(
+    entries: Sequence[ModelEntry], lengths: Sequence[int], settings: Settings
+) -> list[np.ndarray]:
+    """rbf_cka's frame subsample: for each utterance, the frames (indices t) kept.
+
+    ``settings.rbf_frames`` frames are drawn without replacement, uniformly over all valid
+    frames of the run, from ``seed``; fixed before the first batch, so a resumed run keeps the
+    same frames.
+    """
+    frames = [entries[0].model.config.num_frames(n) for n in lengths]
+    offsets = np.cumsum([0, *frames])
+    total = int(offsets[-1])
+    if total < settings.rbf_frames:
+        raise AnalysisError(
+            f"expected at most the run's {total} frames, got {settings.rbf_frames}",
+            argument="rbf_frames",
+        )
+    rng = np.random.default_rng([settings.seed, 0x5BF])
+    picked = np.sort(rng.choice(total, settings.rbf_frames, replace=False))
+    return [
+        picked[(picked >= lo) & (picked < hi)] - lo
+        for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
+    ]
+
+
 def extract(
     entries: Sequence[ModelEntry],
-    utterances: Sequence[audio.Utterance],
+    utterances: Sequence[audio.Clip | audio.Utterance],
     settings: Settings,
     *,
     state_path: str | None = None,
@@ -144,11 +192,13 @@ def extract(
     state = state_lib.init_state(sizes, settings, entries, mesh)
     if state_path:
         state = state_lib.load_checkpoint(state_path, state)
-    lengths = [len(u.samples) for u in utterances]
+    lengths = [u.num_samples for u in utterances]
     batches = audio.make_batches(
         lengths, batch_seconds=settings.batch_seconds, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS
     )
     seconds = [sum(lengths[i] for i in b) / 16000 for b in batches]
+    chosen = rbf_plan(entries, lengths, settings) if state.rbf is not None else None
+    check_forward(entries, lengths, batches, settings, mesh)
     bar = tqdm(
         total=round(sum(seconds), 1),
         initial=round(sum(seconds[: state.done]), 1),
@@ -157,57 +207,73 @@ def extract(
         disable=not progress,
     )
     last = time.monotonic()
-    for index, batch in enumerate(batches):
-        if index < state.done:
-            continue
-        paths = [utterances[i].path for i in batch]
-        # Silent dummies fill the batch to a multiple of the device count: a valid length (one
-        # receptive field), weight 0 everywhere below.
-        dummies = -len(batch) % multiple
-        waves = [utterances[i].samples for i in batch] + [np.zeros(field, np.float32)] * dummies
-        real = np.arange(len(waves)) < len(batch)  # [B]
-        columns, mask, maps = [], None, {}
-        for entry in entries:
-            padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS)
-            if entry.normalize:
-                padded = audio.normalize(padded, lens)
-            out = entry.model.intermediates(
-                distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
-            )
-            frame_mask = np.asarray(out.frame_mask) & real[:, None]  # [B, T]
-            _check_finite(entry, out, frame_mask, paths)
-            mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
-            for label in entry.layers:
-                h = entry.hidden(out, label)
-                columns.append(h.reshape(-1, h.shape[-1]))  # [B, T, D] -> [B*T, D]
-            if settings.attention:
-                a = out.attentions  # [L, B, H, T, T] -> [B, L*H, T, T]
-                maps[entry.name] = jnp.swapaxes(a, 0, 1).reshape(
-                    a.shape[1], a.shape[0] * a.shape[2], *a.shape[3:]
+    # Decoding runs a couple of batches ahead on a thread; closed however the loop ends.
+    with contextlib.closing(prefetch(batches, utterances, start=state.done)) as decoded:
+        for index, batch in enumerate(batches):
+            if index < state.done:
+                continue
+            samples = next(decoded)
+            paths = [utterances[i].path for i in batch]
+            # Silent dummies fill the batch to a multiple of the device count: a valid length (one
+            # receptive field), weight 0 everywhere below.
+            dummies = -len(batch) % multiple
+            waves = samples + [np.zeros(field, np.float32)] * dummies
+            real = np.arange(len(waves)) < len(batch)  # [B]
+            columns, mask, maps = [], None, {}
+            for entry in entries:
+                padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS)
+                if entry.normalize:
+                    padded = audio.normalize(padded, lens)
+                out = entry.model.intermediates(
+                    distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
                 )
-                # Dummies get 0 frames: they add nothing to any sum, only to ``skipped``.
-                frame_lengths = jnp.where(jnp.asarray(real), out.frame_lengths, 0)
-        z = join(columns)  # [B*T, ΣD] (padded layout when sharded)
-        state.moments = update(state.moments, z, jnp.asarray(mask))
-        if state.replicates is not None:
-            w = np.stack(
-                [poisson_weights(settings.seed, ids[i], settings.bootstrap) for i in batch]
-            )
-            w = np.pad(w, ((0, dummies), (0, 0)))  # [B, R]
-            t = len(mask) // len(waves)
-            frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
-            state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
-        for (a, b, method), s in state.heads.items():
-            s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
-            state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
-        state.frames += int(mask.sum())
-        state.done = index + 1
-        bar.update(round(seconds[index], 1))
-        bar.set_postfix(utterances=sum(len(b) for b in batches[: index + 1]))
-        now = time.monotonic()
-        final = index == len(batches) - 1
-        if state_path and (final or now - last >= settings.checkpoint_seconds):
-            state_lib.save_checkpoint(state_path, state)
-            last = now
+                # An allocation that failed on the device raises here; reading an output
+                # buffer first would wait for it forever (XLA CPU).
+                out = jax.block_until_ready(out)
+                frame_mask = np.asarray(out.frame_mask) & real[:, None]  # [B, T]
+                _check_finite(entry, out, frame_mask, paths)
+                mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
+                for label in entry.layers:
+                    h = entry.hidden(out, label)
+                    columns.append(h.reshape(-1, h.shape[-1]))  # [B, T, D] -> [B*T, D]
+                if settings.attention:
+                    a = out.attentions  # [L, B, H, T, T] -> [B, L*H, T, T]
+                    maps[entry.name] = jnp.swapaxes(a, 0, 1).reshape(
+                        a.shape[1], a.shape[0] * a.shape[2], *a.shape[3:]
+                    )
+                    # Dummies get 0 frames: they add nothing to any sum, only to ``skipped``.
+                    frame_lengths = jnp.where(jnp.asarray(real), out.frame_lengths, 0)
+            if chosen is not None:
+                t = len(mask) // len(waves)
+                rows = np.concatenate([chosen[i] + b * t for b, i in enumerate(batch)])
+                picked = np.asarray(jnp.concatenate([c[rows] for c in columns], axis=1))
+                state.rbf[state.rbf_filled : state.rbf_filled + len(rows)] = picked
+                state.rbf_filled += len(rows)
+            z = join(columns)  # [B*T, ΣD] (padded layout when sharded)
+            state.moments = update(state.moments, z, jnp.asarray(mask))
+            if state.replicates is not None:
+                w = np.stack(
+                    [poisson_weights(settings.seed, ids[i], settings.bootstrap) for i in batch]
+                )
+                w = np.pad(w, ((0, dummies), (0, 0)))  # [B, R]
+                t = len(mask) // len(waves)
+                frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
+                state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
+            for (a, b, method), s in state.heads.items():
+                s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
+                state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
+            if state.attention_maps is not None:
+                state.attention_maps = _map_updater(mesh)(
+                    state.attention_maps, [maps[e.name] for e in entries], frame_lengths
+                )
+            state.frames += int(mask.sum())
+            state.done = index + 1
+            bar.update(round(seconds[index], 1))
+            bar.set_postfix(utterances=sum(len(b) for b in batches[: index + 1]))
+            now = time.monotonic()
+            final = index == len(batches) - 1
+            if state_path and (final or now - last >= settings.checkpoint_seconds):
+                state_lib.save_checkpoint(state_path, state)
+                last = now
     bar.close()
     return state_lib.fetch(state)

@@ -7,7 +7,9 @@ are refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import concurrent.futures
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +34,9 @@ def load_audio(
     settings: Settings,
     *,
     shard: tuple[int, int] = (0, 1),
-) -> list[audio.Utterance]:
-    """Loads, crops and filters the utterances; checks every model sees the same frames.
+) -> list[audio.Clip]:
+    """Plans the utterances from their headers (nothing decoded), drops those too short for a
+    frame, and checks every model sees the same frames.
 
     ``shard=(p, P)`` keeps utterances p, p + P, p + 2P, … of the list (process p of P).
     """
@@ -46,34 +49,61 @@ def load_share(
     settings: Settings,
     *,
     shard: tuple[int, int] = (0, 1),
-) -> tuple[list[audio.Utterance], list[int]]:
+) -> tuple[list[audio.Clip], list[int]]:
     """`load_audio`, plus each kept utterance's index in the whole list (which seeds its
     bootstrap weights, so a dropped clip changes no other clip's draws, whatever the process
     count). With several processes a share may hold no usable clip; `analyze` checks the
-    total."""
+    total. Memory does not grow with the number of files: a `audio.Clip` is a header."""
     paths = audio.list_audio(source)
     if settings.max_utterances is not None:
         paths = paths[: settings.max_utterances]
     index, count = shard
     positions = range(index, len(paths), count)
-    loaded = [audio.load_utterance(paths[i], max_seconds=settings.max_seconds) for i in positions]
+    planned = [audio.probe(paths[i], max_seconds=settings.max_seconds) for i in positions]
     field = max(e.model.config.receptive_field for e in entries)
     try:
-        utterances = audio.filter_short(loaded, min_samples=field)
+        clips = audio.filter_short(planned, min_samples=field)
     except audio.AudioError:
         if count == 1:
             raise
-        utterances = []
-    kept = {id(u) for u in utterances}
-    ids = [i for i, u in zip(positions, loaded, strict=True) if id(u) in kept]
-    for u in utterances:
-        frames = {e.name: e.model.config.num_frames(len(u.samples)) for e in entries}
+        clips = []
+    kept = {id(c) for c in clips}
+    ids = [i for i, c in zip(positions, planned, strict=True) if id(c) in kept]
+    for c in clips:
+        frames = {e.name: e.model.config.num_frames(c.num_samples) for e in entries}
         if len(set(frames.values())) > 1:
             raise AnalysisError(
-                f"{u.path}: models disagree on the number of frames ({frames}); their conv "
+                f"{c.path}: models disagree on the number of frames ({frames}); their conv "
                 f"stacks differ, so frames do not align"
             )
-    return utterances, ids
+    return clips, ids
+
+
+def prefetch(
+    batches: Sequence[Sequence[int]], clips: Sequence[Any], *, start: int = 0, depth: int = 2
+) -> Iterator[list[np.ndarray]]:
+    """The samples of each batch from ``start`` on, decoded on a background thread ``depth``
+    batches ahead, so decoding overlaps the device work and at most ``depth + 1`` batches of
+    audio are in memory. A file that fails to decode raises its error (naming it) when its
+    batch is due."""
+
+    def decode(batch):
+        return [clips[i].load() for i in batch]
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sslsim-audio") as pool:
+        pending = collections.deque(pool.submit(decode, b) for b in batches[start : start + depth])
+        ahead = start + depth
+        try:
+            while pending:
+                samples = pending.popleft().result()
+                if ahead < len(batches):
+                    pending.append(pool.submit(decode, batches[ahead]))
+                    ahead += 1
+                yield samples
+        finally:
+            # Leaving early (an error or Ctrl-C in the consumer) drops what is queued.
+            for future in pending:
+                future.cancel()
 
 
 def poisson_weights(seed: int, index: int, replicates: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 from sslsim_jax import audio
 from sslsim_jax.analysis.settings import FINAL, AnalysisError, Settings
 from sslsim_jax.intermediates import SpeechModel, load_model
+from sslsim_jax.models import ModelConfig
 
 
 @dataclasses.dataclass
@@ -59,9 +60,10 @@ def weights_digest(params) -> str:
     return digest.hexdigest()
 
 
-def _layers_for(model: SpeechModel, name: str, layers: Sequence[int | str] | None) -> list[str]:
-    top = model.config.num_hidden_layers
-    final = [FINAL] if model.config.do_stable_layer_norm else []
+def layers_for(config: ModelConfig, name: str, layers: Sequence[int | str] | None) -> list[str]:
+    """The layer labels kept of a model (``settings.layers``); errors name ``layers``."""
+    top = config.num_hidden_layers
+    final = [FINAL] if config.do_stable_layer_norm else []
     if layers is None:
         return [str(i) for i in range(top + 1)] + final
     out = []
@@ -111,7 +113,7 @@ def prepare_models(
                 name=name,
                 model=model,
                 normalize=bool(normalize),
-                layers=_layers_for(model, name, settings.layers),
+                layers=layers_for(model.config, name, settings.layers),
                 source=source,
                 config_hash=_config_hash(model),
                 weights_digest=weights_digest(model.params),

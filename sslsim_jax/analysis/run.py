@@ -9,22 +9,43 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import pandas as pd
 
 from sslsim_jax import distributed, results
-from sslsim_jax.analysis.extract import extract
+from sslsim_jax.analysis import plan as plan_lib
+from sslsim_jax.analysis.extract import extract, run_mesh
 from sslsim_jax.analysis.inputs import load_share
-from sslsim_jax.analysis.networks import finetune_pairs, prepare_models
+from sslsim_jax.analysis.networks import (
+    ModelEntry,
+    finetune_pairs,
+    layers_for,
+    model_name,
+    network_names,
+    network_sizes,
+    prepare_models,
+)
+from sslsim_jax.analysis.plan import Plan, parse_size, plan_passes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import STATE_DIR, merge_processes, run_key
-from sslsim_jax.analysis.tables import attention_tables, neuron_tables, similarity_table
+from sslsim_jax.analysis.tables import (
+    attention_map_rows,
+    attention_tables,
+    localization_rows,
+    neuron_pairs,
+    rankings_from_pairs,
+    similarity_table,
+    topk_rows,
+)
 from sslsim_jax.intermediates import SpeechModel
 
 
@@ -98,6 +119,103 @@ def remove_stale_outputs(out: str, written: set[str]) -> None:
                 os.unlink(path)
 
 
+def _model_of(entries: Sequence[ModelEntry]) -> list[str]:
+    return [e.name for e in entries for _ in e.layers]
+
+
+def _digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("\x1f".join(names).encode()).hexdigest()[:10]
+
+
+def memory_budget(settings: Settings) -> int:
+    """Bytes per device the statistics may take: ``settings.max_memory``, or what a device
+    of the run's mesh holds."""
+    if settings.max_memory is not None:
+        return parse_size(settings.max_memory)
+    return plan_lib.memory_limit(run_mesh(settings).devices.flat[0])[0]
+
+
+def make_plan(entries: Sequence[ModelEntry], settings: Settings) -> Plan:
+    """The passes of the analysis under `memory_budget` (`sslsim_jax.analysis.plan`)."""
+    return plan_passes(
+        network_sizes(entries),
+        budget=memory_budget(settings),
+        bootstrap=settings.bootstrap,
+        shards=settings.stat_shards,
+    )
+
+
+def describe_plan(models: Sequence[str | tuple[str, SpeechModel]], settings: Settings) -> str:
+    """The plan of an analysis (`make_plan`), from the models' config.json alone: no weights
+    are read and nothing is run (``sslsim analyze ... --plan``)."""
+    from sslsim_jax import checkpoints
+    from sslsim_jax.models import ModelConfig
+
+    names, sizes, model_of, taken = [], [], [], set()
+    for item in models:
+        if isinstance(item, tuple):
+            name, config = item[0], item[1].config
+        else:
+            directory = checkpoints.resolve(item)
+            config = ModelConfig.from_json_file(os.path.join(directory, "config.json"))
+            name = model_name(os.fspath(item))
+        base, k = name, 2
+        while name in taken:
+            name, k = f"{base}-{k}", k + 1
+        taken.add(name)
+        for label in layers_for(config, name, settings.layers):
+            names.append(f"{name}:{label}")
+            sizes.append(config.hidden_size)
+            model_of.append(name)
+    plan = plan_passes(
+        sizes, budget=memory_budget(settings), bootstrap=settings.bootstrap,
+        shards=settings.stat_shards,
+    )  # fmt: skip
+    width = sum(sizes)
+    return (
+        plan.describe(names, model_of) + f"\n  all networks in one pass would need "
+        f"{plan_lib.size_text(plan_lib.statistics_bytes(width, bootstrap=settings.bootstrap))}"
+        f" ({width} neurons)"
+    )
+
+
+def pass_entries(entries: Sequence[ModelEntry], networks: Sequence[int]) -> list[ModelEntry]:
+    """The models of a pass, each with only the layers among ``networks`` (global column
+    indices); models with none are left out, so a pass runs only the models it needs."""
+    chosen, out, n = set(networks), [], 0
+    for e in entries:
+        layers = [label for k, label in enumerate(e.layers, start=n) if k in chosen]
+        n += len(e.layers)
+        if layers:
+            out.append(dataclasses.replace(e, layers=layers))
+    return out
+
+
+def _in_network_order(frame: pd.DataFrame, index: dict, *, neurons: bool = False) -> pd.DataFrame:
+    """Rows of several passes in the one-pass order: metric blocks, then network a, network b
+    (and neuron a), as a single pass writes them."""
+    if frame.empty:
+        return frame
+    keys = pd.DataFrame(
+        {
+            "a": (frame.model_a + ":" + frame.layer_a).map(index),
+            "b": (frame.model_b + ":" + frame.layer_b).map(index),
+        }
+    )
+    order = ["a", "b"]
+    if "metric" in frame.columns:
+        first = {m: i for i, m in enumerate(dict.fromkeys(frame.metric))}
+        keys.insert(0, "m", frame.metric.map(first))
+        order.insert(0, "m")
+    if "k" in frame.columns:
+        keys["k"] = frame.k
+        order.append("k")
+    if neurons:
+        keys["n"] = frame.neuron_a
+        order.insert(1, "n")
+    return frame.iloc[keys.sort_values(order, kind="stable").index].reset_index(drop=True)
+
+
 def analyze(
     models: Sequence[str | tuple[str, SpeechModel]],
     audio_source: Any,
@@ -137,21 +255,59 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
     entries = prepare_models(models, settings)
     process, processes = jax.process_index(), jax.process_count()
     utterances, ids = load_share(audio_source, entries, settings, shard=(process, processes))
+    if processes > 1 and "rbf_cka" in settings.metrics:
+        raise AnalysisError(
+            "rbf_cka is computed in one process only (its frame subsample is not merged yet)",
+            argument="metrics",
+        )
     if processes > 1 and not sum(distributed.allgather_json(len(utterances))):
         raise AnalysisError(
             "no usable audio in any process: every clip is shorter than the models' receptive "
             "field (see the warnings)"
         )
     key = run_key(entries, utterances, settings)
-    state = extract(
-        entries,
-        utterances,
-        settings,
-        state_path=os.path.join(out, STATE_DIR, f"{key}.npz"),
-        progress=progress,
-        ids=ids,
-    )
-    state = merge_processes(state)
+    plan = make_plan(entries, settings)
+    if len(plan.passes) > 1 and settings.attention:
+        raise AnalysisError(
+            f"the statistics need {len(plan.passes)} passes under the memory budget, and "
+            "attention is compared in one pass only for now: raise max_memory, or analyse "
+            "attention in a run of its own with few layers (e.g. --layers 0 --attention)",
+            argument="max_memory",
+        )
+    if len(plan.passes) > 1 and progress and process == 0:
+        print(plan.describe(network_names(entries), _model_of(entries)), file=sys.stderr)
+    names = network_names(entries)
+    group_of = plan.group_of
+    index = {n: i for i, n in enumerate(names)}
+    tables, neuron_parts, topk_parts = [], [], []
+    heads = None
+    for p in plan.passes:
+        sub = pass_entries(entries, p.networks)
+        suffix = "" if len(plan.passes) == 1 else "-" + _digest([names[n] for n in p.networks])
+        state = extract(
+            sub,
+            utterances,
+            settings,
+            state_path=os.path.join(out, STATE_DIR, f"{key}{suffix}.npz"),
+            progress=progress,
+            ids=ids,
+        )
+        state = merge_processes(state)
+
+        def owned(frame, a=("model_a", "layer_a"), b=("model_b", "layer_b"), p=p):
+            ia = (frame[a[0]] + ":" + frame[a[1]]).map(index)
+            ib = (frame[b[0]] + ":" + frame[b[1]]).map(index)
+            keep = [p.owns(group_of, x, y) for x, y in zip(ia, ib, strict=True)]
+            return frame[np.asarray(keep, bool)]
+
+        tables.append(owned(similarity_table(state, sub, settings, progress=progress)))
+        if p is plan.passes[0]:
+            attention_rows, heads = attention_tables(state, sub)
+            tables += [*attention_rows, *attention_map_rows(state, sub, settings)]
+        if process == 0:
+            neuron_parts.append(owned(neuron_pairs(state, sub, settings)))
+            topk_parts.append(owned(topk_rows(state, sub, settings)))
+    table = _in_network_order(pd.concat(tables, ignore_index=True), index)
     records = [
         {**u.record(), "frames": entries[0].model.config.num_frames(u.num_samples)}
         for u in utterances
@@ -159,21 +315,25 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
     if processes > 1:
         gathered = distributed.allgather_json(list(zip(ids, records, strict=True)))
         records = [r for _, r in sorted(pair for part in gathered for pair in part)]
-    attention_rows, heads = attention_tables(state, entries)
-    table = pd.concat(
-        [similarity_table(state, entries, settings, progress=progress), *attention_rows],
-        ignore_index=True,
-    )
     if process != 0:
         return table
     written = {results.SIMILARITIES, results.NEURONS, results.NEURON_RANKINGS}
     results.write_table(out, results.SIMILARITIES, table)
-    pairs, ranks = neuron_tables(state, entries, settings)
+    pairs = _in_network_order(pd.concat(neuron_parts, ignore_index=True), index, neurons=True)
     results.write_table(out, results.NEURONS, pairs)
+    ranks = rankings_from_pairs(pairs, names, pool=settings.neuron_pool)
     results.write_table(out, results.NEURON_RANKINGS, ranks)
     if heads is not None:
         results.write_table(out, results.ATTENTION_HEADS, heads)
         written.add(results.ATTENTION_HEADS)
+    topk = pd.concat(topk_parts, ignore_index=True)
+    if len(topk):
+        results.write_table(out, results.TOPK, _in_network_order(topk, index))
+        written.add(results.TOPK)
+    localization = localization_rows(table, settings)
+    if localization is not None:
+        results.write_table(out, results.LOCALIZATION, localization)
+        written.add(results.LOCALIZATION)
     skipped = {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
     run = {
         "models": [
@@ -198,6 +358,7 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
         "settings": dataclasses.asdict(settings),
         "versions": versions(),
         "run_key": key,
+        "plan": plan.record(),
     }
     results.write_json(out, results.RUN, run)
     remove_stale_outputs(out, written)

@@ -18,6 +18,9 @@ from sslsim_jax.metrics import registry
 # Values of ``jax.default_matmul_precision`` offered by ``precision``, most exact first.
 PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "bfloat16", "default")
 DTYPES = ("float32", "bfloat16")
+POOLS = ("networks", "models")
+# The statistics' metrics, and RBF CKA on a stated subsample of frames (``rbf_frames``).
+ANALYSIS_METRICS = registry.LAYER_METRICS + registry.names("frames")
 FINAL = "final"
 
 
@@ -51,7 +54,7 @@ class Settings:
 
     metrics: tuple[str, ...] = option(
         registry.DEFAULT_METRICS,
-        f"layer metrics among {', '.join(registry.LAYER_METRICS)}",
+        f"layer metrics among {', '.join(ANALYSIS_METRICS)}",
         metavar="METRIC",
     )
     layers: tuple[int | str, ...] | None = option(
@@ -65,7 +68,9 @@ class Settings:
     )
     attention_methods: tuple[str, ...] = option(
         registry.ATTENTION_METHODS,
-        f"attention head comparisons among {', '.join(registry.ATTENTION_METHODS)}",
+        "attention comparisons with --attention: head pairs by "
+        f"{', '.join(registry.HEAD_METHODS)}; layers by {', '.join(registry.MAP_METHODS)} of "
+        "the maps (heads as neurons, (query, key) cells as samples)",
         metavar="METHOD",
     )
     max_utterances: int | None = option(
@@ -99,6 +104,32 @@ class Settings:
         "the models' compute dtype; statistics are float32 either way",
         choices=DTYPES,
     )
+    rbf_frames: int = option(
+        4096,
+        "rbf_cka: frames drawn (seeded, uniformly over the run's frames) and kept for its N×N "
+        "kernels; memory N·ΣD floats, time N²·ΣD",
+        metavar="N",
+    )
+    svcca_variance: float = option(
+        0.99,
+        "SVCCA and PWCCA keep the leading principal directions that explain less than this "
+        "fraction of each network's variance (Raghu et al.'s rule)",
+        metavar="F",
+    )
+    neuron_pool: str = option(
+        "networks",
+        "which networks a network's neurons are ranked against (neuron_rankings.csv) and "
+        "averaged over (localization.csv): every other network of the run (Wu et al.), or only "
+        "other models' networks",
+        choices=POOLS,
+    )
+    max_memory: str | None = option(
+        None,
+        "memory budget per device for the joint statistics, e.g. 16G or 500M; when all "
+        "networks' statistics exceed it, the analysis runs in passes over pairs of network "
+        "groups (the tables are the same); default: what the device holds",
+        metavar="SIZE",
+    )
     stat_shards: int = option(
         1,
         "split the joint statistics over S devices (a divisor of --devices), for more networks "
@@ -112,7 +143,7 @@ class Settings:
 
         try:
             metrics = registry.check_names(
-                self.metrics, allowed=registry.LAYER_METRICS, argument="metrics"
+                self.metrics, allowed=ANALYSIS_METRICS, argument="metrics"
             )
             methods = registry.check_names(
                 self.attention_methods,
@@ -139,6 +170,7 @@ class Settings:
             ("bootstrap", -1, False),
             ("seed", -1, False),
             ("stat_shards", 1, False),
+            ("rbf_frames", 1, False),
         ):
             value = getattr(self, field)
             if value is None and optional:
@@ -155,13 +187,31 @@ class Settings:
                 fail(field, f"expected >= 1, got {value}")
         if self.precision not in PRECISIONS:
             fail("precision", f"expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not (isinstance(self.svcca_variance, int | float) and 0 < self.svcca_variance <= 1):
+            fail("svcca_variance", f"expected 0 < F <= 1, got {self.svcca_variance!r}")
+        if self.neuron_pool not in POOLS:
+            fail("neuron_pool", f"expected one of {', '.join(POOLS)}, got {self.neuron_pool!r}")
+        if self.max_memory is not None:
+            from sslsim_jax.analysis.plan import parse_size
+
+            parse_size(self.max_memory)
         if self.dtype not in DTYPES:
             fail("dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     def extraction_key(self) -> dict[str, Any]:
-        """The settings that change the statistics (what a resumed run must share)."""
-        ignored = ("metrics", "checkpoint_seconds", "devices")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+        """The settings that change the statistics (what a resumed run must share): not the
+        metrics computed from them, except that rbf_cka keeps a frame subsample."""
+        ignored = (
+            "metrics",
+            "checkpoint_seconds",
+            "devices",
+            "svcca_variance",
+            "neuron_pool",
+            "max_memory",
+        )
+        key = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+        key["rbf_frames"] = self.rbf_frames if "rbf_cka" in self.metrics else None
+        return key
 
 
 def _layer(value: int | str) -> int | str:

@@ -29,6 +29,7 @@ from sslsim_jax import distributed, results, sharded, stats
 from sslsim_jax.analysis.networks import ModelEntry
 from sslsim_jax.analysis.settings import Settings
 from sslsim_jax.metrics import attention as attn
+from sslsim_jax.metrics import attention_maps, registry
 
 STATE_DIR = ".sslsim_state"
 
@@ -42,6 +43,11 @@ class State:
     replicates: stats.Moments | None
     heads: dict[tuple[str, str, str], attn.HeadSimilarityState]
     frames: int
+    attention_maps: stats.Moments | None = None
+    # rbf_cka: the subsampled frames of every network side by side [N, ΣD] (host memory) and
+    # how many rows are filled so far.
+    rbf: np.ndarray | None = None
+    rbf_filled: int = 0
 
 
 def init_state(sizes, settings, entries, mesh=None) -> State:
@@ -64,11 +70,31 @@ def init_state(sizes, settings, entries, mesh=None) -> State:
                 ha = a.model.config.num_hidden_layers * a.model.config.num_attention_heads
                 hb = b.model.config.num_hidden_layers * b.model.config.num_attention_heads
                 for method in settings.attention_methods:
-                    heads[a.name, b.name, method] = attn.init_state(ha, hb)
-    return State(done=0, moments=moments, replicates=replicates, heads=heads, frames=0)
+                    if method in registry.HEAD_METHODS:
+                        heads[a.name, b.name, method] = attn.init_state(ha, hb)
+    maps = None
+    if settings.attention and set(settings.attention_methods) & set(registry.MAP_METHODS):
+        maps = attention_maps.init(
+            [e.model.config.num_hidden_layers for e in entries],
+            [e.model.config.num_attention_heads for e in entries],
+        )
+    rbf = None
+    if "rbf_cka" in settings.metrics:
+        rbf = np.zeros((settings.rbf_frames, sum(sizes)), np.float32)
+    return State(
+        done=0,
+        moments=moments,
+        replicates=replicates,
+        heads=heads,
+        frames=0,
+        attention_maps=maps,
+        rbf=rbf,
+    )
 
 
 _MOMENT_FIELDS = ("count", "mean", "comoment", "row_cross", "row_gram")
+# The State fields that hold `stats.Moments` (or None).
+_MOMENTS = ("moments", "replicates", "attention_maps")
 
 
 _HEAD_FIELDS = ("total", "count", "skipped")
@@ -80,10 +106,13 @@ def _head_key(key: tuple[str, str, str]) -> str:
 
 def flatten(state: State) -> dict[str, np.ndarray]:
     arrays = {"done": np.array(state.done), "frames": np.array(state.frames)}
-    for field in _MOMENT_FIELDS:
-        arrays[f"moments.{field}"] = np.asarray(getattr(state.moments, field))
-        if state.replicates is not None:
-            arrays[f"replicates.{field}"] = np.asarray(getattr(state.replicates, field))
+    if state.rbf is not None:
+        arrays["rbf"], arrays["rbf_filled"] = state.rbf, np.array(state.rbf_filled)
+    for prefix in _MOMENTS:
+        m = getattr(state, prefix)
+        if m is not None:
+            for field in _MOMENT_FIELDS:
+                arrays[f"{prefix}.{field}"] = np.asarray(getattr(m, field))
     for key, s in state.heads.items():
         for field in _HEAD_FIELDS:
             arrays[f"{_head_key(key)}.{field}"] = np.asarray(getattr(s, field))
@@ -130,10 +159,11 @@ def restore(arrays: dict[str, np.ndarray], template: State) -> State:
     }
     return State(
         done=int(arrays["done"]),
-        moments=moments("moments", template.moments),
-        replicates=moments("replicates", template.replicates),
         heads=heads,
         frames=int(arrays["frames"]),
+        rbf=None if template.rbf is None else _checked(arrays, "rbf", template.rbf),
+        rbf_filled=int(arrays["rbf_filled"]) if template.rbf is not None else 0,
+        **{prefix: moments(prefix, getattr(template, prefix)) for prefix in _MOMENTS},
     )
 
 
@@ -228,6 +258,9 @@ def _merge_parts(gathered: dict[str, np.ndarray], state: State) -> State:
             else jax.vmap(stats.merge)(merged.replicates, part.replicates),
             heads={k: attn.merge_states(s, part.heads[k]) for k, s in merged.heads.items()},
             frames=merged.frames + part.frames,
+            attention_maps=None
+            if merged.attention_maps is None
+            else stats.merge(merged.attention_maps, part.attention_maps),
         )
     return fetch(merged)
 
@@ -239,4 +272,5 @@ def fetch(state: State) -> State:
         moments=distributed.fetch_replicated(state.moments),
         replicates=distributed.fetch_replicated(state.replicates),
         heads=distributed.fetch_replicated(state.heads),
+        attention_maps=distributed.fetch_replicated(state.attention_maps),
     )

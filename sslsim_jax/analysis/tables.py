@@ -11,12 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sslsim_jax import results, sharded
+from sslsim_jax import analyses, results, sharded
 from sslsim_jax.analysis.extract import run_mesh
 from sslsim_jax.analysis.networks import ModelEntry, network_names, network_sizes
 from sslsim_jax.analysis.settings import Settings
 from sslsim_jax.analysis.state import State
 from sslsim_jax.metrics import attention as attn
+from sslsim_jax.metrics import kernels, registry
+from sslsim_jax.metrics.representation import rbf_cka_matrix
+from sslsim_jax.metrics.topk import DEFAULT_KS, topk_all_from_moments
 from sslsim_jax.pairwise import compare_moments
 
 
@@ -44,9 +47,7 @@ def pairwise_fn(entries: Sequence[ModelEntry], settings: Settings) -> Callable[.
     if settings.stat_shards == 1:
 
         def full(m, names, *, metrics, neurons=False):
-            from sslsim_jax.metrics import kernels
-
-            out = compare_moments(m, names, metrics=metrics)
+            out = compare_moments(m, names, metrics=metrics, variance=settings.svcca_variance)
             if neurons:
                 b = kernels.blocks(m)
                 best, matched = kernels.neuron_best(b, kernels.inv_sd(b))  # [K, P, K]
@@ -56,7 +57,9 @@ def pairwise_fn(entries: Sequence[ModelEntry], settings: Settings) -> Callable[.
         return full
     layout = sharded.Layout(network_sizes(entries), settings.stat_shards)
     mesh = run_mesh(settings)
-    return lambda m, names, **kwargs: sharded.pairwise(m, layout, mesh, names, **kwargs)
+    return lambda m, names, **kwargs: sharded.pairwise(
+        m, layout, mesh, names, variance=settings.svcca_variance, **kwargs
+    )
 
 
 def similarity_table(
@@ -67,23 +70,34 @@ def similarity_table(
     from tqdm.auto import tqdm
 
     names = network_names(entries)
+    # Metrics of the joint statistics; rbf_cka comes from the kept frame subsample.
+    metrics = tuple(m for m in settings.metrics if registry.get(m).source == "moments")
     bar = tqdm(
         total=1 + settings.bootstrap,
         desc=f"metrics ({len(names)} networks, {len(settings.metrics)} metrics)",
         unit="pass",
         disable=not progress,
     )
+    values = {}
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        values = pairwise(state.moments, names, metrics=settings.metrics)
+        if metrics:
+            values = pairwise(state.moments, names, metrics=metrics)
+        if state.rbf is not None:
+            values["rbf_cka"] = rbf_matrix(state, entries)
     bar.update()
-    replicates = {metric: [] for metric in settings.metrics}
-    for r in range(settings.bootstrap):
+    replicates = {metric: [] for metric in metrics}
+    for r in range(settings.bootstrap if metrics else 0):
         m_r = jax.tree.map(lambda a, r=r: a[r], state.replicates)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported once above, on the full data
-            values_r = pairwise(m_r, names, metrics=settings.metrics)
-        for metric in settings.metrics:
+            try:
+                values_r = pairwise(m_r, names, metrics=metrics)
+            except ValueError:
+                # A replicate that drew fewer than 2 frames (every utterance weighted 0) has
+                # no values; the interval comes from the other replicates.
+                values_r = {m: np.full(len(names) ** 2, np.nan) for m in metrics}
+        for metric in metrics:
             replicates[metric].append(values_r[metric].ravel())
         bar.update()
     bar.close()
@@ -91,11 +105,74 @@ def similarity_table(
     for metric in settings.metrics:
         frame = _pair_rows(names, names, values[metric], metric)
         if settings.bootstrap:
-            reps = np.stack(replicates[metric])  # [R, K*K]
-            frame["ci_low"] = np.percentile(reps, 2.5, axis=0)
-            frame["ci_high"] = np.percentile(reps, 97.5, axis=0)
+            # rbf_cka has no interval: its frame subsample has no per-utterance weights.
+            reps = np.stack(replicates.get(metric) or [np.full(frame.shape[0], np.nan)])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                frame["ci_low"] = np.nanpercentile(reps, 2.5, axis=0)
+                frame["ci_high"] = np.nanpercentile(reps, 97.5, axis=0)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def rbf_matrix(state: State, entries: Sequence[ModelEntry]) -> np.ndarray:
+    """[K, K] RBF CKA of every pair of networks on the run's frame subsample (`rbf_plan`)."""
+    rows = state.rbf[: state.rbf_filled]
+    bounds = np.cumsum([0, *network_sizes(entries)])
+    networks = [rows[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return np.asarray(rbf_cka_matrix(networks, max_frames=len(rows)))
+
+
+def _attention_layer_names(entry: ModelEntry) -> list[str]:
+    # Attention of block i is labelled with layer i (its output), 1-based.
+    return [f"{entry.name}:{i + 1}" for i in range(entry.model.config.num_hidden_layers)]
+
+
+def attention_map_rows(
+    state: State, entries: Sequence[ModelEntry], settings: Settings
+) -> list[pd.DataFrame]:
+    """``attention_linear_cka`` / ``attention_svcca`` rows: every attention layer of every
+    model against every other, heads as neurons and valid (query, key) cells as samples."""
+    if state.attention_maps is None:
+        return []
+    names = [n for e in entries for n in _attention_layer_names(e)]
+    methods = [m for m in settings.attention_methods if m in registry.MAP_METHODS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        values = compare_moments(
+            state.attention_maps, names, metrics=methods, variance=settings.svcca_variance
+        )
+    return [_pair_rows(names, names, values[m], f"attention_{m}") for m in methods]
+
+
+def topk_rows(state: State, entries: Sequence[ModelEntry], settings: Settings) -> pd.DataFrame:
+    """Wu et al.'s top-k (``topk.csv``) of the run's metrics that have one, k = 0.1, …, 1.0,
+    from the same statistics as the similarity table (no further pass over the audio)."""
+    metrics = tuple(m for m in settings.metrics if registry.get(m).topk)
+    if not metrics:
+        return pd.DataFrame(columns=results.TOPK_COLUMNS)
+    names = network_names(entries)
+    if settings.stat_shards > 1:
+        warnings.warn(
+            "topk.csv is not computed from statistics split with stat_shards > 1 yet",
+            stacklevel=2,
+        )
+        return pd.DataFrame(columns=results.TOPK_COLUMNS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported with the similarity table
+        values = topk_all_from_moments(
+            state.moments, metrics=metrics, ks=DEFAULT_KS, variance=settings.svcca_variance
+        )
+    networks = [tuple(n.rsplit(":", 1)) for n in names]
+    return analyses.topk_table(values, networks, DEFAULT_KS)
+
+
+def localization_rows(table: pd.DataFrame, settings: Settings) -> pd.DataFrame | None:
+    """Wu et al.'s localization score per network (``localization.csv``), when the run has
+    both maxcorr and svcca; None otherwise."""
+    if not {"maxcorr", "svcca"} <= set(settings.metrics):
+        return None
+    return analyses.localization(table, pool=settings.neuron_pool)
 
 
 def attention_tables(
@@ -112,9 +189,8 @@ def attention_tables(
                 attn.split_layers(jnp.asarray(matrix), cx.num_hidden_layers, cy.num_hidden_layers)
             )  # [Lx, Ly, Hx, Hy]
             score, _ = attn.layer_score(jnp.asarray(split))
-            # Attention of block i is labelled with layer i (its output), 1-based.
-            names_x = [f"{x}:{i + 1}" for i in range(cx.num_hidden_layers)]
-            names_y = [f"{y}:{i + 1}" for i in range(cy.num_hidden_layers)]
+            names_x = _attention_layer_names(by_name[x])
+            names_y = _attention_layer_names(by_name[y])
             metric = f"attention_{method}"
             layer_rows.append(_pair_rows(names_x, names_y, np.asarray(score), metric))
             lx, ly, hx, hy = split.shape
@@ -140,25 +216,29 @@ def attention_tables(
 def neuron_tables(
     state: State, entries: Sequence[ModelEntry], settings: Settings | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Matched neurons of every network pair, and Wu et al.'s MaxCorr/MinCorr neuron rankings.
+    """Matched neurons of every network pair, and Wu et al.'s MaxCorr/MinCorr neuron rankings
+    (`rankings_from_pairs` of the pair rows)."""
+    settings = settings or Settings()
+    pairs = neuron_pairs(state, entries, settings)
+    return pairs, rankings_from_pairs(pairs, network_names(entries), pool=settings.neuron_pool)
 
-    The rankings of a network's neurons use the networks of the *other* models: MaxCorr ranks a
-    neuron by its highest best-|r| over them, MinCorr by its lowest.
-    """
+
+def neuron_pairs(state: State, entries: Sequence[ModelEntry], settings: Settings) -> pd.DataFrame:
+    """``neurons.csv`` rows: for every neuron of every network and every network, the best
+    matching neuron and its |r| (NaN for a constant neuron or an all-constant network)."""
     names, sizes = network_names(entries), network_sizes(entries)
-    pairwise = pairwise_fn(entries, settings or Settings())
+    pairwise = pairwise_fn(entries, settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported with the similarity table
         out = pairwise(state.moments, names, metrics=("linear_cka",), neurons=True)
-    best, matched, valid = out["best"], out["matched"], out["valid"]  # [K, P, K], [K, P]
-    pair_rows, rank_rows = [], []
-    models = np.array([n.rsplit(":", 1)[0] for n in names])
+    best, matched = out["best"], out["matched"]  # [K, P, K]
+    rows = []
     for i, name in enumerate(names):
         d = sizes[i]
         model_a, layer_a = name.rsplit(":", 1)
         for j, other in enumerate(names):
             model_b, layer_b = other.rsplit(":", 1)
-            pair_rows.append(
+            rows.append(
                 pd.DataFrame(
                     {
                         "model_a": model_a,
@@ -171,34 +251,58 @@ def neuron_tables(
                     }
                 )
             )
-        others = np.flatnonzero(models != model_a)
-        if len(others):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN
-                mx = np.nanmax(best[i, :d][:, others], axis=1)
-                mn = np.nanmin(best[i, :d][:, others], axis=1)
-            ok = valid[i, :d]
-            rank_rows.append(
-                pd.DataFrame(
-                    {
-                        "model": model_a,
-                        "layer": layer_a,
-                        "neuron": np.arange(d),
-                        "maxcorr": np.where(ok, mx, np.nan),
-                        "mincorr": np.where(ok, mn, np.nan),
-                        "maxcorr_rank": _rank(np.where(ok, -mx, np.inf)),
-                        "mincorr_rank": _rank(np.where(ok, -mn, np.inf)),
-                        "constant": ~ok,
-                    }
-                )
+    return pd.concat(rows, ignore_index=True)
+
+
+def rankings_from_pairs(
+    pairs: pd.DataFrame, names: Sequence[str], *, pool: str = "networks"
+) -> pd.DataFrame:
+    """Wu et al.'s neuron rankings (``neuron_rankings.csv``) from the matched-neuron rows.
+
+    A neuron's MaxCorr is its highest best-|r| over the networks of ``pool`` (every other
+    network, or other models' networks), MinCorr its lowest; ranks are 1 = highest within its
+    network, constant neurons last. A neuron is constant when it has no correlation even with
+    its own network.
+    """
+    model_of = {n: n.rsplit(":", 1)[0] for n in names}
+    a = pairs.model_a + ":" + pairs.layer_a
+    b = pairs.model_b + ":" + pairs.layer_b
+    own = pairs[a == b].set_index(["model_a", "layer_a"])
+    if pool == "models":
+        pooled = pairs[a.map(model_of) != b.map(model_of)]
+    else:
+        pooled = pairs[a != b]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN neurons stay NaN
+        agg = pooled.groupby(["model_a", "layer_a", "neuron_a"], sort=False).correlation.agg(
+            ["max", "min"]
+        )
+    frames = []
+    for name in names:
+        model, layer = name.rsplit(":", 1)
+        if (model, layer) not in agg.index.droplevel(2):
+            continue  # no other network in the pool
+        block = agg.loc[(model, layer)]
+        ok = own.loc[(model, layer)].correlation.notna().to_numpy()
+        mx, mn = block["max"].to_numpy(), block["min"].to_numpy()
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "layer": layer,
+                    "neuron": block.index.to_numpy(),
+                    "maxcorr": np.where(ok, mx, np.nan),
+                    "mincorr": np.where(ok, mn, np.nan),
+                    "maxcorr_rank": _rank(np.where(ok, -mx, np.inf)),
+                    "mincorr_rank": _rank(np.where(ok, -mn, np.inf)),
+                    "constant": ~ok,
+                }
             )
-    # One model: no other model to rank against; the file still has its header.
-    ranks = (
-        pd.concat(rank_rows, ignore_index=True)
-        if rank_rows
-        else pd.DataFrame(columns=results.NEURON_RANKING_COLUMNS)
-    )
-    return pd.concat(pair_rows, ignore_index=True), ranks
+        )
+    # One model with pool "models": nothing to rank against; the file still has its header.
+    if not frames:
+        return pd.DataFrame(columns=results.NEURON_RANKING_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _rank(key: np.ndarray) -> np.ndarray:

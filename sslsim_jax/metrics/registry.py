@@ -12,6 +12,8 @@ Sources:
 - ``"frames"``: needs raw frames (RBF CKA's N×N kernels), computed on a stated subsample.
 - ``"attention"``: layer scores from head-pair sums of attention maps
   (`sslsim_jax.metrics.attention`).
+- ``"attention_maps"``: a moments measure of attention layers, heads as neurons and (query,
+  key) cells as samples (`sslsim_jax.metrics.attention_maps`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from sslsim_jax.metrics import neuron, representation
 
 __all__ = [
     "ATTENTION_METHODS",
+    "HEAD_METHODS",
+    "MAP_METHODS",
     "DEFAULT_METRICS",
     "LAYER_METRICS",
     "METRICS",
@@ -33,7 +37,7 @@ __all__ = [
     "names",
 ]
 
-SOURCES = ("moments", "frames", "attention")
+SOURCES = ("moments", "frames", "attention", "attention_maps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,8 @@ class Metric:
     Attributes:
         name: the name used in tables, ``--metrics`` and the API.
         label: human-readable name for figures.
-        source: ``"moments"``, ``"frames"`` or ``"attention"`` (module docstring).
+        source: ``"moments"``, ``"frames"``, ``"attention"`` or ``"attention_maps"`` (module
+            docstring).
         x_centric: the score describes network a *in terms of* b (not symmetric).
         spectral: needs each network's eigendecomposition (`kernels.spectra`).
         low: fixed lower bound of the values, or None when unbounded below (colour ranges
@@ -169,6 +174,9 @@ _ALL = (
     Metric("attention_pearson", "attention Pearson r", "attention", True, low=None),
     # 1 − JS divergence (natural log) lies in [1 − ln 2, 1].
     Metric("attention_js", "attention 1 − Jensen–Shannon", "attention", True, low=1 - math.log(2)),
+    # Heads as neurons, (query, key) cells as samples: layer × layer, symmetric.
+    Metric("attention_linear_cka", "attention-map linear CKA", "attention_maps", False),
+    Metric("attention_svcca", "attention-map SVCCA", "attention_maps", False),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
@@ -187,7 +195,10 @@ def names(source: str | None = None, **properties) -> tuple[str, ...]:
 
 LAYER_METRICS = names("moments")
 DEFAULT_METRICS = names("moments", default=True)
-ATTENTION_METHODS = tuple(n.removeprefix("attention_") for n in names("attention"))
+# ``--attention-methods``: head-pair comparisons, then moments measures of the maps.
+HEAD_METHODS = tuple(n.removeprefix("attention_") for n in names("attention"))
+MAP_METHODS = tuple(n.removeprefix("attention_") for n in names("attention_maps"))
+ATTENTION_METHODS = HEAD_METHODS + MAP_METHODS
 
 
 def get(name: str) -> Metric:
