@@ -95,6 +95,10 @@ class Utterance:
         """[S] float32 samples (already in memory; `Clip.load` decodes)."""
         return self.samples
 
+    def identity(self) -> list:
+        """What the run key records of the content (`file_identity`)."""
+        return file_identity(self.path)
+
     def record(self) -> dict[str, Any]:
         """A JSON-ready description (no samples), for a run's provenance."""
         return {
@@ -273,34 +277,68 @@ def load_utterance(
         with soundfile.SoundFile(path) as f:
             rate_in, channels, frames_in = f.samplerate, f.channels, f.frames
             format_in = f"{f.format}/{f.subtype}"
-            frames = -1
-            if max_seconds is not None:
-                frames = math.ceil((max_seconds + 0.1) * rate_in)
-            x = f.read(frames=frames, dtype="float32", always_2d=True)  # [S_in, C]
+            x = f.read(frames=read_margin(rate_in, max_seconds), dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as e:
         raise AudioError(f"{path}: not a readable audio file ({e})") from None
     if x.shape[0] == 0:
         raise AudioError(f"{path}: audio file has no samples (zero length)")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        frame, channel = np.argwhere(bad)[0]
-        raise AudioError(
-            f"{path}: contains NaN or Inf samples (first at sample {frame}, channel {channel})"
-        )
-    mono = x.mean(axis=1, dtype=np.float32) if channels > 1 else x[:, 0]
-    if rate_in != sample_rate:
-        mono = soxr.resample(mono, rate_in, sample_rate, quality=RESAMPLE_QUALITY)
-    if max_seconds is not None:
-        mono = mono[: round(max_seconds * sample_rate)]
     return Utterance(
         path=path,
-        samples=np.ascontiguousarray(mono, dtype=np.float32),
+        samples=model_samples(x, rate_in, path, sample_rate=sample_rate, max_seconds=max_seconds),
         sample_rate=int(sample_rate),
         sample_rate_in=int(rate_in),
         channels_in=int(channels),
         format_in=format_in,
         duration_in=frames_in / rate_in,
     )
+
+
+def read_margin(rate_in: int, max_seconds: float | None) -> int:
+    """Input samples to read for ``max_seconds`` of output: the crop plus 0.1 s for the
+    resampling filter (-1: all)."""
+    return -1 if max_seconds is None else math.ceil((max_seconds + 0.1) * rate_in)
+
+
+def model_samples(
+    x: np.ndarray,
+    rate_in: int,
+    name: str,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """[S] float32 model input from decoded samples ``x`` [S_in, C] at ``rate_in``: channels
+    averaged, resampled with soxr (``"VHQ"``), cropped to ``max_seconds``. NaN or Inf samples
+    are an `AudioError` naming ``name`` and the first bad sample."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        frame, channel = np.argwhere(bad)[0]
+        raise AudioError(
+            f"{name}: contains NaN or Inf samples (first at sample {frame}, channel {channel})"
+        )
+    mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+    if rate_in != sample_rate:
+        mono = soxr.resample(mono, rate_in, sample_rate, quality=RESAMPLE_QUALITY)
+    if max_seconds is not None:
+        mono = mono[: round(max_seconds * sample_rate)]
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def cropped_length(frames: int, rate_in: int, max_seconds: float | None) -> int:
+    """S, the model-input samples `model_samples` gives for ``frames`` input samples."""
+    samples = resampled_length(frames, rate_in)
+    if max_seconds is not None:
+        samples = min(samples, round(max_seconds * SAMPLE_RATE))
+    return int(samples)
+
+
+def file_identity(path: str) -> list:
+    """What identifies an audio file's content cheaply: its size and modification time (ns)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [None, None]
+    return [info.st_size, info.st_mtime_ns]
 
 
 def resampled_length(frames: int, rate_in: int, rate_out: int = SAMPLE_RATE) -> int:
@@ -336,17 +374,11 @@ class Clip:
 
     def record(self) -> dict[str, Any]:
         """A JSON-ready description, as `Utterance.record`."""
-        return {
-            "path": self.path,
-            "num_samples": self.num_samples,
-            "duration": self.duration,
-            "sample_rate": SAMPLE_RATE,
-            "sample_rate_in": self.sample_rate_in,
-            "channels_in": self.channels_in,
-            "format_in": self.format_in,
-            "duration_in": self.duration_in,
-            "cropped": self.duration < self.duration_in - 1.0 / SAMPLE_RATE,
-        }
+        return clip_record(self)
+
+    def identity(self) -> list:
+        """What the run key records of the content (`file_identity`)."""
+        return file_identity(self.path)
 
     def load(self) -> np.ndarray:
         """[S] float32 samples, decoded now; an error names the file when it cannot be read or
@@ -358,6 +390,21 @@ class Clip:
                 f"{self.num_samples} when the run was planned (was the file changed?)"
             )
         return samples
+
+
+def clip_record(clip: Any) -> dict[str, Any]:
+    """`Utterance.record` of a planned clip (anything with a `Clip`'s attributes)."""
+    return {
+        "path": clip.path,
+        "num_samples": clip.num_samples,
+        "duration": clip.num_samples / SAMPLE_RATE,
+        "sample_rate": SAMPLE_RATE,
+        "sample_rate_in": clip.sample_rate_in,
+        "channels_in": clip.channels_in,
+        "format_in": clip.format_in,
+        "duration_in": clip.duration_in,
+        "cropped": clip.num_samples / SAMPLE_RATE < clip.duration_in - 1.0 / SAMPLE_RATE,
+    }
 
 
 def probe(path: PathLike, *, max_seconds: float | None = None) -> Clip:
@@ -381,12 +428,9 @@ def probe(path: PathLike, *, max_seconds: float | None = None) -> Clip:
         raise AudioError(f"{path}: not a readable audio file ({e})") from None
     if info.frames <= 0:
         raise AudioError(f"{path}: audio file has no samples (zero length)")
-    samples = resampled_length(info.frames, info.samplerate)
-    if max_seconds is not None:
-        samples = min(samples, round(max_seconds * SAMPLE_RATE))
     return Clip(
         path=path,
-        num_samples=int(samples),
+        num_samples=cropped_length(info.frames, info.samplerate, max_seconds),
         sample_rate_in=int(info.samplerate),
         channels_in=int(info.channels),
         format_in=f"{info.format}/{info.subtype}",

@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     analyze.add_argument(
         "--audio", nargs="+", metavar="PATH",
-        help="audio directory (wav/flac/ogg, recursive), audio files, or a text file of paths",
+        help="audio directory (wav/flac/ogg/mp3, recursive), audio files, a text file of "
+        "paths, or a Hugging Face dataset saved with save_to_disk (DIR, or DIR:SPLIT for one "
+        "split; its Audio column; needs the 'datasets' extra)",
     )  # fmt: skip
     analyze.add_argument("--out", help="output directory (required unless --plan)")
     add_settings_flags(analyze)

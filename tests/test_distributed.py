@@ -22,13 +22,14 @@ from tests.conftest import fake_devices_env, run_on_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEECH = demo_audio_paths()
-# 5 utterances in batches of 2 and 3 (batch_seconds=8): neither divides over 8 devices, so
-# every batch carries dummies.
+# 5 utterances of 1.5 s in batches of 3 and 2 (batch_seconds=4.5): neither divides over 8
+# devices, so every batch carries dummies.
 SETTINGS = dict(
     metrics=("linear_cka", "maxcorr", "svcca", "debiased_cka"),
     attention=True,
     attention_methods=("fro", "js"),
-    batch_seconds=8.0,
+    max_seconds=1.5,
+    batch_seconds=4.5,
     bootstrap=2,
 )
 KEYS = ["model_a", "layer_a", "model_b", "layer_b", "metric"]
@@ -98,7 +99,7 @@ def test_initialize_checks_its_flags():
 
 @pytest.mark.parametrize("stat_shards", [1, 4])
 def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat_shards):
-    """Same analysis on 8 devices: 5 utterances, batches of 2 and 3 padded to 8; with
+    """Same analysis on 8 devices: 5 utterances, batches of 3 and 2 padded to 8; with
     ``stat_shards=4`` the statistics are split over 4 devices (2 along "data")."""
     code = f"""
         import jax

@@ -10,8 +10,9 @@ weights every frame of utterance u by w[u, r] ~ Poisson(1), drawn from ``(seed, 
 weights do not depend on batching or resumption; each replicate keeps its own statistics.
 
 Devices: every padded batch [B, S] is split over the ``"data"`` axis of a mesh
-(`sslsim_jax.distributed`), B rounded up to a multiple of the device count with silent
-utterances that have a valid length but weight 0 (they enter no statistic, attention sum, frame
+(`sslsim_jax.distributed`), B rounded up to a size of a small set that is a multiple of the
+device count (`inputs.padded_batch`) with silent utterances that have a valid length but
+weight 0 (they enter no statistic, attention sum, frame
 count or NaN check); the jitted statistics update reduces across devices.
 """
 
@@ -30,7 +31,15 @@ import numpy as np
 from sslsim_jax import audio, distributed, memory, sharded, stats
 from sslsim_jax.analysis import plan as plan_lib
 from sslsim_jax.analysis import state as state_lib
-from sslsim_jax.analysis.inputs import PAD_MULTIPLE, PAD_STEPS, poisson_weights, prefetch
+from sslsim_jax.analysis.inputs import (
+    PAD_MULTIPLE,
+    PAD_STEPS,
+    batch_shape,
+    padded_batch,
+    plan_batches,
+    poisson_weights,
+    prefetch,
+)
 from sslsim_jax.analysis.networks import ModelEntry, network_sizes
 from sslsim_jax.analysis.plan import size_text, statistics_bytes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
@@ -108,13 +117,7 @@ def check_forward(entries, lengths, batches, settings: Settings, mesh) -> None:
     names ``max_seconds`` (`sslsim_jax.memory.check_forward_memory`)."""
     limit, what = memory.device_memory(mesh.devices.flat[0])
     devices = distributed.batch_multiple(mesh)
-    shapes = {
-        (
-            -len(b) % devices + len(b),
-            audio.padded_length(max(lengths[i] for i in b), PAD_MULTIPLE, PAD_STEPS),
-        )
-        for b in batches
-    }
+    shapes = {batch_shape(b, lengths, devices) for b in batches}
     for batch, samples in sorted(shapes, key=lambda bs: bs[0] * bs[1] ** 2, reverse=True)[:3]:
         try:
             memory.check_forward_memory(
@@ -162,12 +165,14 @@ def extract(
     state_path: str | None = None,
     progress: bool = True,
     ids: Sequence[int] | None = None,
+    attention_pairs: set[tuple[str, str]] | None = None,
 ) -> State:
     """Runs every model over the audio and accumulates the statistics (resumably).
 
     Batches are split over ``settings.devices`` devices of this process (see the module
     docstring). ``ids``: each utterance's index in the full list, which seeds its bootstrap
-    weights (default: its position in ``utterances``).
+    weights (default: its position in ``utterances``). ``attention_pairs``: the model pairs
+    whose attention heads are compared (default: all; see `state.init_state`).
     """
     from tqdm.auto import tqdm
 
@@ -189,13 +194,11 @@ def extract(
     field = max(e.model.config.receptive_field for e in entries)
 
     check_memory(sizes, settings, mesh)
-    state = state_lib.init_state(sizes, settings, entries, mesh)
+    state = state_lib.init_state(sizes, settings, entries, mesh, attention_pairs)
     if state_path:
         state = state_lib.load_checkpoint(state_path, state)
     lengths = [u.num_samples for u in utterances]
-    batches = audio.make_batches(
-        lengths, batch_seconds=settings.batch_seconds, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS
-    )
+    batches = plan_batches(lengths, settings)
     seconds = [sum(lengths[i] for i in b) / 16000 for b in batches]
     chosen = rbf_plan(entries, lengths, settings) if state.rbf is not None else None
     check_forward(entries, lengths, batches, settings, mesh)
@@ -214,16 +217,16 @@ def extract(
                 continue
             samples = next(decoded)
             paths = [utterances[i].path for i in batch]
-            # Silent dummies fill the batch to a multiple of the device count: a valid length (one
-            # receptive field), weight 0 everywhere below.
-            dummies = -len(batch) % multiple
+            # Silent dummies fill the batch to its compiled size (`inputs.padded_batch`, a
+            # multiple of the device count): a valid length (one receptive field), weight 0
+            # everywhere below.
+            dummies = padded_batch(len(batch), multiple) - len(batch)
             waves = samples + [np.zeros(field, np.float32)] * dummies
             real = np.arange(len(waves)) < len(batch)  # [B]
             columns, mask, maps = [], None, {}
+            raw, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS)
             for entry in entries:
-                padded, lens = audio.pad(waves, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS)
-                if entry.normalize:
-                    padded = audio.normalize(padded, lens)
+                padded = audio.normalize(raw, lens) if entry.normalize else raw
                 out = entry.model.intermediates(
                     distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
                 )

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sslsim_jax import audio
+from sslsim_jax import audio, sources
 from sslsim_jax.analysis.networks import ModelEntry
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 
@@ -26,6 +26,31 @@ PAD_MULTIPLE = 4000
 
 
 PAD_STEPS = 16
+
+
+def padded_batch(n: int, multiple: int = 1) -> int:
+    """The batch size a batch of ``n`` utterances runs at: the next size of the form 2^k or
+    3·2^k (1, 2, 3, 4, 6, 8, 12, 16, …; at most a third is padding), rounded up to a multiple
+    of the device count. The extra rows are silent zero-weight utterances, so the compiled
+    shapes are (this small set) × (the length grid)."""
+    if n < 1 or multiple < 1:
+        raise ValueError(f"expected n >= 1 and multiple >= 1, got {n}, {multiple}")
+    power = 1 << (n - 1).bit_length()  # the next power of two >= n
+    size = 3 * power // 4 if power >= 4 and 3 * power // 4 >= n else power
+    return -size % multiple + size
+
+
+def plan_batches(lengths: Sequence[int], settings: Settings) -> list[list[int]]:
+    """Length-bucketed batches of the utterances (`audio.make_batches`)."""
+    return audio.make_batches(
+        lengths, batch_seconds=settings.batch_seconds, multiple_of=PAD_MULTIPLE, steps=PAD_STEPS
+    )
+
+
+def batch_shape(batch: Sequence[int], lengths: Sequence[int], multiple: int) -> tuple[int, int]:
+    """(B, S): the compiled shape a batch runs at (`padded_batch`, `audio.padded_length`)."""
+    longest = max(lengths[i] for i in batch)
+    return padded_batch(len(batch), multiple), audio.padded_length(longest, PAD_MULTIPLE, PAD_STEPS)
 
 
 def load_audio(
@@ -54,12 +79,12 @@ def load_share(
     bootstrap weights, so a dropped clip changes no other clip's draws, whatever the process
     count). With several processes a share may hold no usable clip; `analyze` checks the
     total. Memory does not grow with the number of files: a `audio.Clip` is a header."""
-    paths = audio.list_audio(source)
+    total, plan = sources.catalogue(source)
     if settings.max_utterances is not None:
-        paths = paths[: settings.max_utterances]
+        total = min(total, settings.max_utterances)
     index, count = shard
-    positions = range(index, len(paths), count)
-    planned = [audio.probe(paths[i], max_seconds=settings.max_seconds) for i in positions]
+    positions = range(index, total, count)
+    planned = [plan(i, settings.max_seconds) for i in positions]
     field = max(e.model.config.receptive_field for e in entries)
     try:
         clips = audio.filter_short(planned, min_samples=field)

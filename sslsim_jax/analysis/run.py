@@ -24,7 +24,7 @@ import pandas as pd
 from sslsim_jax import distributed, results
 from sslsim_jax.analysis import plan as plan_lib
 from sslsim_jax.analysis.extract import extract, run_mesh
-from sslsim_jax.analysis.inputs import load_share
+from sslsim_jax.analysis.inputs import batch_shape, load_share, plan_batches
 from sslsim_jax.analysis.networks import (
     ModelEntry,
     finetune_pairs,
@@ -38,6 +38,7 @@ from sslsim_jax.analysis.plan import Plan, parse_size, plan_passes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import STATE_DIR, merge_processes, run_key
 from sslsim_jax.analysis.tables import (
+    attention_layer_names,
     attention_map_rows,
     attention_tables,
     localization_rows,
@@ -46,6 +47,7 @@ from sslsim_jax.analysis.tables import (
     similarity_table,
     topk_rows,
 )
+from sslsim_jax.compile_log import compile_log
 from sslsim_jax.intermediates import SpeechModel
 
 
@@ -179,6 +181,13 @@ def describe_plan(models: Sequence[str | tuple[str, SpeechModel]], settings: Set
     )
 
 
+def _batch_shapes(utterances, settings: Settings) -> list[list[int]]:
+    lengths = [u.num_samples for u in utterances]
+    multiple = distributed.batch_multiple(run_mesh(settings))
+    shapes = {batch_shape(b, lengths, multiple) for b in plan_batches(lengths, settings)}
+    return [list(shape) for shape in sorted(shapes)]
+
+
 def pass_entries(entries: Sequence[ModelEntry], networks: Sequence[int]) -> list[ModelEntry]:
     """The models of a pass, each with only the layers among ``networks`` (global column
     indices); models with none are left out, so a pass runs only the models it needs."""
@@ -189,6 +198,33 @@ def pass_entries(entries: Sequence[ModelEntry], networks: Sequence[int]) -> list
         if layers:
             out.append(dataclasses.replace(e, layers=layers))
     return out
+
+
+def attention_owners(plan: Plan, entries: Sequence[ModelEntry]) -> dict[tuple[str, str], int]:
+    """(model a, model b) -> the pass that compares their attention: the first pass that runs
+    both (every pair of models meets in some pass, since every pair of groups has one)."""
+    owner: dict[tuple[str, str], int] = {}
+    for i, p in enumerate(plan.passes):
+        names = [e.name for e in pass_entries(entries, p.networks)]
+        for a in names:
+            for b in names:
+                owner.setdefault((a, b), i)
+    return owner
+
+
+def _owned_models(frame: pd.DataFrame, owner: dict, index: int) -> pd.DataFrame:
+    keep = [owner.get(ab) == index for ab in zip(frame.model_a, frame.model_b, strict=True)]
+    return frame[np.asarray(keep, bool)]
+
+
+def _in_model_order(frame: pd.DataFrame, entries: Sequence[ModelEntry]) -> pd.DataFrame:
+    """Head rows of several passes in the one-pass order: model pairs as `init_state` makes
+    them (a before b in the run's order), each pair's rows as they came."""
+    rank = {e.name: i for i, e in enumerate(entries)}
+    lo = np.minimum(frame.model_a.map(rank), frame.model_b.map(rank))
+    hi = np.maximum(frame.model_a.map(rank), frame.model_b.map(rank))
+    keys = pd.DataFrame({"lo": lo, "hi": hi})
+    return frame.iloc[keys.sort_values(["lo", "hi"], kind="stable").index].reset_index(drop=True)
 
 
 def _in_network_order(frame: pd.DataFrame, index: dict, *, neurons: bool = False) -> pd.DataFrame:
@@ -229,7 +265,11 @@ def analyze(
 
     Args:
         models: paths or hub ids (anything ``load_model`` accepts), or ``(name, SpeechModel)``.
-        audio_source: a directory, a list of files, or a text file of paths.
+        audio_source: a directory, a list of files, or a text file of paths; a directory
+            written by ``datasets.Dataset.save_to_disk`` (``DIR:SPLIT`` for one split of a
+            DatasetDict) or a ``datasets.Dataset`` with an ``Audio`` column; or a sequence
+            (or iterable, then held in memory) of ``(id, waveform, sample_rate)``. Audio is
+            planned from lengths and decoded batch by batch (`sslsim_jax.sources`).
         out: output directory (created; must be writable).
         settings: what to compute (default ``Settings()``).
         progress: show tqdm progress bars.
@@ -245,13 +285,16 @@ def analyze(
 
 def _analyze(models, audio_source, out, settings: Settings, *, progress: bool, report: bool):
     out = check_output_dir(out)
-    with lock_output_dir(out):
+    with lock_output_dir(out), compile_log() as compiled:
         return _analyze_locked(
-            models, audio_source, out, settings, progress=progress, report=report
-        )
+            models, audio_source, out, settings, progress=progress, report=report,
+            compiled=compiled,
+        )  # fmt: skip
 
 
-def _analyze_locked(models, audio_source, out, settings, *, progress: bool, report: bool):
+def _analyze_locked(
+    models, audio_source, out, settings, *, progress: bool, report: bool, compiled: dict
+):
     entries = prepare_models(models, settings)
     process, processes = jax.process_index(), jax.process_count()
     utterances, ids = load_share(audio_source, entries, settings, shard=(process, processes))
@@ -267,30 +310,29 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
         )
     key = run_key(entries, utterances, settings)
     plan = make_plan(entries, settings)
-    if len(plan.passes) > 1 and settings.attention:
-        raise AnalysisError(
-            f"the statistics need {len(plan.passes)} passes under the memory budget, and "
-            "attention is compared in one pass only for now: raise max_memory, or analyse "
-            "attention in a run of its own with few layers (e.g. --layers 0 --attention)",
-            argument="max_memory",
-        )
     if len(plan.passes) > 1 and progress and process == 0:
         print(plan.describe(network_names(entries), _model_of(entries)), file=sys.stderr)
     names = network_names(entries)
     group_of = plan.group_of
     index = {n: i for i, n in enumerate(names)}
-    tables, neuron_parts, topk_parts = [], [], []
-    heads = None
-    for p in plan.passes:
+    tables, neuron_parts, topk_parts, head_parts = [], [], [], []
+    owner = attention_owners(plan, entries) if settings.attention else {}
+    skipped, frames = {}, 0
+    for i, p in enumerate(plan.passes):
         sub = pass_entries(entries, p.networks)
         suffix = "" if len(plan.passes) == 1 else "-" + _digest([names[n] for n in p.networks])
+        # Attention: only the model pairs this pass owns; none -> no attention maps at all.
+        pairs = {ab for ab, k in owner.items() if k == i}
         state = extract(
             sub,
             utterances,
-            settings,
+            settings
+            if pairs or not settings.attention
+            else dataclasses.replace(settings, attention=False),
             state_path=os.path.join(out, STATE_DIR, f"{key}{suffix}.npz"),
             progress=progress,
             ids=ids,
+            attention_pairs=pairs,
         )
         state = merge_processes(state)
 
@@ -301,13 +343,21 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
             return frame[np.asarray(keep, bool)]
 
         tables.append(owned(similarity_table(state, sub, settings, progress=progress)))
-        if p is plan.passes[0]:
+        if pairs:
             attention_rows, heads = attention_tables(state, sub)
-            tables += [*attention_rows, *attention_map_rows(state, sub, settings)]
+            maps = attention_map_rows(state, sub, settings)
+            tables += [_owned_models(t, owner, i) for t in (*attention_rows, *maps)]
+            if heads is not None:
+                head_parts.append(heads)
+            skipped |= {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
+        frames = state.frames
         if process == 0:
             neuron_parts.append(owned(neuron_pairs(state, sub, settings)))
             topk_parts.append(owned(topk_rows(state, sub, settings)))
-    table = _in_network_order(pd.concat(tables, ignore_index=True), index)
+    # Attention layers ("model:i", 1-based) sort with the networks of the same name, or after.
+    layers = [n for e in entries for n in attention_layer_names(e)] if settings.attention else []
+    order = {n: i for i, n in enumerate(dict.fromkeys([*names, *layers]))}
+    table = _in_network_order(pd.concat(tables, ignore_index=True), order)
     records = [
         {**u.record(), "frames": entries[0].model.config.num_frames(u.num_samples)}
         for u in utterances
@@ -323,7 +373,8 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
     results.write_table(out, results.NEURONS, pairs)
     ranks = rankings_from_pairs(pairs, names, pool=settings.neuron_pool)
     results.write_table(out, results.NEURON_RANKINGS, ranks)
-    if heads is not None:
+    if head_parts:
+        heads = _in_model_order(pd.concat(head_parts, ignore_index=True), entries)
         results.write_table(out, results.ATTENTION_HEADS, heads)
         written.add(results.ATTENTION_HEADS)
     topk = pd.concat(topk_parts, ignore_index=True)
@@ -334,7 +385,6 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
     if localization is not None:
         results.write_table(out, results.LOCALIZATION, localization)
         written.add(results.LOCALIZATION)
-    skipped = {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
     run = {
         "models": [
             {
@@ -351,7 +401,7 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
             for e in entries
         ],
         "finetune_pairs": finetune_pairs(entries),
-        "frames": state.frames,
+        "frames": frames,
         "utterances": records,
         "processes": processes,
         "attention_skipped_utterances": skipped,
@@ -359,6 +409,12 @@ def _analyze_locked(models, audio_source, out, settings, *, progress: bool, repo
         "versions": versions(),
         "run_key": key,
         "plan": plan.record(),
+        # Up to here (the report's figures are not jitted): the distinct padded batch shapes
+        # [B, S] of this process's batches, and what JAX traced, lowered and XLA compiled.
+        "compilation": {
+            "batch_shapes": _batch_shapes(utterances, settings),
+            **{k: round(v, 3) for k, v in compiled.items()},
+        },
     }
     results.write_json(out, results.RUN, run)
     remove_stale_outputs(out, written)

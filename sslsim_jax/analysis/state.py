@@ -50,9 +50,13 @@ class State:
     rbf_filled: int = 0
 
 
-def init_state(sizes, settings, entries, mesh=None) -> State:
+def init_state(sizes, settings, entries, mesh=None, attention_pairs=None) -> State:
     """Empty statistics; with ``settings.stat_shards`` > 1 in the padded layout of
-    `sslsim_jax.sharded`, allocated split over ``mesh``."""
+    `sslsim_jax.sharded`, allocated split over ``mesh``.
+
+    ``attention_pairs``: the (model, model) pairs whose attention heads this state compares
+    (default: every pair of ``entries``; a pass of a multi-pass run compares only its own).
+    """
     replicates = None
     if settings.stat_shards > 1:
         layout = sharded.Layout(sizes, settings.stat_shards)
@@ -67,6 +71,8 @@ def init_state(sizes, settings, entries, mesh=None) -> State:
     if settings.attention:
         for i, a in enumerate(entries):
             for b in entries[i:]:
+                if attention_pairs is not None and (a.name, b.name) not in attention_pairs:
+                    continue
                 ha = a.model.config.num_hidden_layers * a.model.config.num_attention_heads
                 hb = b.model.config.num_hidden_layers * b.model.config.num_attention_heads
                 for method in settings.attention_methods:
@@ -167,15 +173,6 @@ def restore(arrays: dict[str, np.ndarray], template: State) -> State:
     )
 
 
-def audio_identity(path: str) -> list:
-    """What identifies an audio file's content cheaply: its size and modification time (ns)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return [None, None]
-    return [info.st_size, info.st_mtime_ns]
-
-
 def run_key(entries: Sequence[ModelEntry], utterances, settings: Settings) -> str:
     """Identifies a run's statistics for resumption.
 
@@ -189,7 +186,7 @@ def run_key(entries: Sequence[ModelEntry], utterances, settings: Settings) -> st
         "models": [
             (e.name, e.config_hash, e.weights_digest, e.layers, e.normalize) for e in entries
         ],
-        "audio": [(u.path, audio_identity(u.path), u.num_samples) for u in utterances],
+        "audio": [(u.path, u.identity(), u.num_samples) for u in utterances],
         "settings": settings.extraction_key(),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

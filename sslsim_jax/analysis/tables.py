@@ -123,7 +123,7 @@ def rbf_matrix(state: State, entries: Sequence[ModelEntry]) -> np.ndarray:
     return np.asarray(rbf_cka_matrix(networks, max_frames=len(rows)))
 
 
-def _attention_layer_names(entry: ModelEntry) -> list[str]:
+def attention_layer_names(entry: ModelEntry) -> list[str]:
     # Attention of block i is labelled with layer i (its output), 1-based.
     return [f"{entry.name}:{i + 1}" for i in range(entry.model.config.num_hidden_layers)]
 
@@ -135,7 +135,7 @@ def attention_map_rows(
     model against every other, heads as neurons and valid (query, key) cells as samples."""
     if state.attention_maps is None:
         return []
-    names = [n for e in entries for n in _attention_layer_names(e)]
+    names = [n for e in entries for n in attention_layer_names(e)]
     methods = [m for m in settings.attention_methods if m in registry.MAP_METHODS]
     with warnings.catch_warnings():
         warnings.simplefilter("once")
@@ -189,8 +189,8 @@ def attention_tables(
                 attn.split_layers(jnp.asarray(matrix), cx.num_hidden_layers, cy.num_hidden_layers)
             )  # [Lx, Ly, Hx, Hy]
             score, _ = attn.layer_score(jnp.asarray(split))
-            names_x = _attention_layer_names(by_name[x])
-            names_y = _attention_layer_names(by_name[y])
+            names_x = attention_layer_names(by_name[x])
+            names_y = attention_layer_names(by_name[y])
             metric = f"attention_{method}"
             layer_rows.append(_pair_rows(names_x, names_y, np.asarray(score), metric))
             lx, ly, hx, hy = split.shape
