@@ -166,6 +166,7 @@ def extract(
     progress: bool = True,
     ids: Sequence[int] | None = None,
     attention_pairs: set[tuple[str, str]] | None = None,
+    finished: Callable[[State], None] | None = None,
 ) -> State:
     """Runs every model over the audio and accumulates the statistics (resumably).
 
@@ -173,6 +174,8 @@ def extract(
     docstring). ``ids``: each utterance's index in the full list, which seeds its bootstrap
     weights (default: its position in ``utterances``). ``attention_pairs``: the model pairs
     whose attention heads are compared (default: all; see `state.init_state`).
+    ``finished``: called with the final statistics (host arrays) when batches ran, instead of
+    writing the last checkpoint here (`analyze` writes it while the metrics run).
     """
     from tqdm.auto import tqdm
 
@@ -197,6 +200,7 @@ def extract(
     state = state_lib.init_state(sizes, settings, entries, mesh, attention_pairs)
     if state_path:
         state = state_lib.load_checkpoint(state_path, state)
+    start = state.done
     lengths = [u.num_samples for u in utterances]
     batches = plan_batches(lengths, settings)
     seconds = [sum(lengths[i] for i in b) / 16000 for b in batches]
@@ -274,9 +278,13 @@ def extract(
             bar.update(round(seconds[index], 1))
             bar.set_postfix(utterances=sum(len(b) for b in batches[: index + 1]))
             now = time.monotonic()
-            final = index == len(batches) - 1
+            final = index == len(batches) - 1 and finished is None
             if state_path and (final or now - last >= settings.checkpoint_seconds):
                 state_lib.save_checkpoint(state_path, state)
                 last = now
     bar.close()
-    return state_lib.fetch(state)
+    ran = state.done > start
+    state = state_lib.fetch(state)
+    if ran and finished is not None:
+        finished(state)
+    return state

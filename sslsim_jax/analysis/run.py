@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -36,7 +37,7 @@ from sslsim_jax.analysis.networks import (
 )
 from sslsim_jax.analysis.plan import Plan, parse_size, plan_passes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
-from sslsim_jax.analysis.state import STATE_DIR, merge_processes, run_key
+from sslsim_jax.analysis.state import STATE_DIR, CheckpointSaver, merge_processes, run_key
 from sslsim_jax.analysis.tables import (
     attention_layer_names,
     attention_map_rows,
@@ -318,42 +319,47 @@ def _analyze_locked(
     tables, neuron_parts, topk_parts, head_parts = [], [], [], []
     owner = attention_owners(plan, entries) if settings.attention else {}
     skipped, frames = {}, 0
-    for i, p in enumerate(plan.passes):
-        sub = pass_entries(entries, p.networks)
-        suffix = "" if len(plan.passes) == 1 else "-" + _digest([names[n] for n in p.networks])
-        # Attention: only the model pairs this pass owns; none -> no attention maps at all.
-        pairs = {ab for ab, k in owner.items() if k == i}
-        state = extract(
-            sub,
-            utterances,
-            settings
-            if pairs or not settings.attention
-            else dataclasses.replace(settings, attention=False),
-            state_path=os.path.join(out, STATE_DIR, f"{key}{suffix}.npz"),
-            progress=progress,
-            ids=ids,
-            attention_pairs=pairs,
-        )
-        state = merge_processes(state)
+    # The last checkpoint of a pass (GBs for many networks) is written while its metrics run.
+    with CheckpointSaver() as saver:
+        for i, p in enumerate(plan.passes):
+            saver.wait()  # the previous pass's, before this pass's statistics take memory
+            sub = pass_entries(entries, p.networks)
+            suffix = "" if len(plan.passes) == 1 else "-" + _digest([names[n] for n in p.networks])
+            # Attention: only the model pairs this pass owns; none -> no attention maps at all.
+            pairs = {ab for ab, k in owner.items() if k == i}
+            path = os.path.join(out, STATE_DIR, f"{key}{suffix}.npz")
+            state = extract(
+                sub,
+                utterances,
+                settings
+                if pairs or not settings.attention
+                else dataclasses.replace(settings, attention=False),
+                state_path=path,
+                progress=progress,
+                ids=ids,
+                attention_pairs=pairs,
+                finished=functools.partial(saver.save, path),
+            )
+            state = merge_processes(state)
 
-        def owned(frame, a=("model_a", "layer_a"), b=("model_b", "layer_b"), p=p):
-            ia = (frame[a[0]] + ":" + frame[a[1]]).map(index)
-            ib = (frame[b[0]] + ":" + frame[b[1]]).map(index)
-            keep = [p.owns(group_of, x, y) for x, y in zip(ia, ib, strict=True)]
-            return frame[np.asarray(keep, bool)]
+            def owned(frame, a=("model_a", "layer_a"), b=("model_b", "layer_b"), p=p):
+                ia = (frame[a[0]] + ":" + frame[a[1]]).map(index)
+                ib = (frame[b[0]] + ":" + frame[b[1]]).map(index)
+                keep = [p.owns(group_of, x, y) for x, y in zip(ia, ib, strict=True)]
+                return frame[np.asarray(keep, bool)]
 
-        tables.append(owned(similarity_table(state, sub, settings, progress=progress)))
-        if pairs:
-            attention_rows, heads = attention_tables(state, sub)
-            maps = attention_map_rows(state, sub, settings)
-            tables += [_owned_models(t, owner, i) for t in (*attention_rows, *maps)]
-            if heads is not None:
-                head_parts.append(heads)
-            skipped |= {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
-        frames = state.frames
-        if process == 0:
-            neuron_parts.append(owned(neuron_pairs(state, sub, settings)))
-            topk_parts.append(owned(topk_rows(state, sub, settings)))
+            tables.append(owned(similarity_table(state, sub, settings, progress=progress)))
+            if pairs:
+                attention_rows, heads = attention_tables(state, sub)
+                maps = attention_map_rows(state, sub, settings)
+                tables += [_owned_models(t, owner, i) for t in (*attention_rows, *maps)]
+                if heads is not None:
+                    head_parts.append(heads)
+                skipped |= {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
+            frames = state.frames
+            if process == 0:
+                neuron_parts.append(owned(neuron_pairs(state, sub, settings)))
+                topk_parts.append(owned(topk_rows(state, sub, settings)))
     # Attention layers ("model:i", 1-based) sort with the networks of the same name, or after.
     layers = [n for e in entries for n in attention_layer_names(e)] if settings.attention else []
     order = {n: i for i, n in enumerate(dict.fromkeys([*names, *layers]))}

@@ -13,6 +13,7 @@ merged with Chan's update, in process order, on every process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -200,6 +201,38 @@ def save_checkpoint(path: str, state: State) -> None:
     """Writes ``state`` (host arrays) to ``path`` atomically, fsynced before the rename."""
     arrays = flatten(fetch(state))
     results.atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+class CheckpointSaver:
+    """Writes checkpoints on a background thread, one at a time (`save_checkpoint`).
+
+    ``with CheckpointSaver() as saver: saver.save(path, state)`` returns at once; `wait` (and
+    leaving the block) waits for the write and raises its error, if any. Used for the last
+    checkpoint of a pass, which the metrics need not wait for.
+    """
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sslsim-save")
+        self._pending: concurrent.futures.Future | None = None
+
+    def save(self, path: str, state: State) -> None:
+        self.wait()
+        self._pending = self._pool.submit(save_checkpoint, path, state)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> CheckpointSaver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_checkpoint(path: str, template: State) -> State:
