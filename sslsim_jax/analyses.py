@@ -34,6 +34,7 @@ __all__ = [
     "LocalizationWarning",
     "POOLS",
     "TOPK_COLUMNS",
+    "best_matches",
     "localization",
     "topk_table",
 ]
@@ -176,6 +177,56 @@ def localization(table: pd.DataFrame, *, pool: str = "networks") -> pd.DataFrame
             "score": score,
         },
         columns=list(LOCALIZATION_COLUMNS),
+    )
+
+
+def best_matches(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """How well each model's networks find a counterpart in each other model, per metric.
+
+    For an ordered pair of distinct models (A, B) and a metric: the mean over A's networks a of
+    the best value of a against any network of B (max over b, or min for a distance). This puts
+    the paper's question in numbers: models that "share representation subspaces but not
+    neuron-localised concepts" have high best matches by the subspace measures (SVCCA, PWCCA,
+    CKA) and low ones by maxcorr. Values of different metrics live on different scales; compare
+    a metric across model pairs, and metrics by their ranking, not their raw differences.
+
+    Args:
+        table: similarities, columns ``model_a, layer_a, model_b, layer_b, metric, value``.
+        metrics: the metrics to summarise (default: every metric of the table).
+
+    Returns:
+        DataFrame with columns ``model_a, model_b, metric, best_match, networks`` (``networks``:
+        how many of A's networks had a finite value), models in order of first appearance.
+        A pair whose values are all NaN gets NaN, never a number.
+    """
+    from sslsim_jax.metrics import registry
+
+    _check_table(table)
+    metrics = list(dict.fromkeys(table["metric"])) if metrics is None else list(metrics)
+    missing = [m for m in metrics if m not in set(table["metric"])]
+    if missing:
+        raise ValueError(f"no rows of metric(s) {missing} in the similarity table")
+    models = [m for m, _ in _networks(table)]
+    models = list(dict.fromkeys(models))
+    rows = []
+    for metric in metrics:
+        part = table[(table["metric"] == metric) & (table["model_a"] != table["model_b"])]
+        higher = registry.METRICS[metric].higher_is_similar if metric in registry.METRICS else True
+        best = part.groupby(["model_a", "layer_a", "model_b"], sort=False)["value"]
+        best = (best.max() if higher else best.min()).reset_index()
+        for (a, b), group in best.groupby(["model_a", "model_b"], sort=False):
+            finite = group["value"][np.isfinite(group["value"])]
+            value = float(finite.mean()) if len(finite) else np.nan
+            rows.append((a, b, metric, value, len(finite)))
+    out = pd.DataFrame(rows, columns=["model_a", "model_b", "metric", "best_match", "networks"])
+    order = {m: i for i, m in enumerate(models)}
+    key = out["model_a"].map(order) * len(models) + out["model_b"].map(order)
+    metric_order = out["metric"].map({m: i for i, m in enumerate(metrics)})
+    return (
+        out.assign(_k=metric_order * len(models) ** 2 + key)
+        .sort_values("_k")
+        .drop(columns="_k")
+        .reset_index(drop=True)
     )
 
 

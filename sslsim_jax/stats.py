@@ -398,12 +398,13 @@ def map_replicates(fn, m: Moments, weights: jax.Array, *, chunk: int) -> Moments
     return jax.tree.map(lambda a: a.reshape((r,) + a.shape[2:]), out)
 
 
-def psum(m: Moments, axis_name) -> Moments:
+def psum(m: Moments, axis_name, *, start=0, reduce=_identity) -> Moments:
     """All-reduce statistics over a mesh axis; equals one pass over all devices' frames.
 
     Each device re-centres its accumulators on the global mean, then the sums are reduced.
     The global mean is found as a small correction to a shared reference (the mean of the
     non-empty devices' means); every device then shifts onto that stored value exactly.
+    ``start``, ``reduce``: for row blocks of sharded statistics (see `_shift`).
     """
     has = (m.count > 0).astype(m.mean.dtype)
     n_has = jax.lax.psum(has, axis_name)
@@ -412,7 +413,7 @@ def psum(m: Moments, axis_name) -> Moments:
     safe_n = jnp.where(n > 0, n, 1)
     correction = jax.lax.psum(m.count * (m.mean - ref), axis_name) / safe_n
     mean = ref + correction
-    shifted = _shift(m, mean - m.mean)
+    shifted = _shift(m, mean - m.mean, start, reduce)
     return Moments(
         count=n,
         mean=mean,

@@ -129,3 +129,37 @@ def test_topk_table_rows():
     assert row.value.item() == values["svcca"][1, 2, 0]
     with pytest.raises(ValueError, match=r"expected values\['maxcorr'\] of shape"):
         analyses.topk_table({"maxcorr": np.zeros((3, 3, 3))}, nets, ks)
+
+
+def test_best_matches_by_hand():
+    table, values = similarity_table(seed=3, metrics=("maxcorr", "svcca", "procrustes"))
+    got = analyses.best_matches(table, ["maxcorr", "procrustes"])
+    assert list(got.columns) == ["model_a", "model_b", "metric", "best_match", "networks"]
+    # Metrics in the order asked, models in order of first appearance (the table is shuffled).
+    assert list(got.metric) == ["maxcorr"] * 2 + ["procrustes"] * 2
+    assert list(got.model_a[:2]) == list(got.model_a[2:]) and set(got.model_a) == {"m1", "m2"}
+    got = (
+        got.set_index(["model_a", "model_b", "metric"])
+        .loc[[("m1", "m2", "maxcorr"), ("m2", "m1", "maxcorr"), ("m1", "m2", "procrustes")]]
+        .reset_index()
+    )
+    m1, m2 = [0, 1, 2], [3, 4, 5]
+    cross = values["maxcorr"][np.ix_(m1, m2)]
+    np.testing.assert_allclose(got.best_match[0], cross.max(axis=1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(
+        got.best_match[1], values["maxcorr"][np.ix_(m2, m1)].max(axis=1).mean(), rtol=1e-12
+    )
+    # Procrustes is a distance: the best match is the smallest.
+    dist = values["procrustes"][np.ix_(m1, m2)]
+    np.testing.assert_allclose(got.best_match[2], dist.min(axis=1).mean(), rtol=1e-12)
+    assert list(got.networks) == [3, 3, 3]
+
+
+def test_best_matches_nan_and_missing_metric():
+    table, _ = similarity_table(seed=4, metrics=("maxcorr",))
+    table.loc[table.model_a == "m2", "value"] = np.nan
+    got = analyses.best_matches(table).set_index("model_a")
+    assert got.best_match["m1"] > 0 and got.networks["m1"] == 3
+    assert np.isnan(got.best_match["m2"]) and got.networks["m2"] == 0
+    with pytest.raises(ValueError, match="svcca"):
+        analyses.best_matches(table, ["svcca"])

@@ -198,6 +198,73 @@ def test_two_processes_merge_statistics_like_one():
     run_two_processes(code, devices=2, timeout=120)
 
 
+def test_merge_processes_is_a_collective_equal_to_one_pass():
+    """`merge_processes` on 2 processes × 2 devices, unequal shares of the frames: statistics
+    (whole, and split over "stats"), bootstrap replicates, head sums and frame counts equal
+    one pass over all frames; split statistics stay split over the process's devices."""
+    code = """
+        import sys
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec
+        from sslsim_jax import distributed, sharded, stats
+        from sslsim_jax.analysis import Settings
+        from sslsim_jax.analysis.state import init_state, merge_processes
+        from sslsim_jax.metrics import attention as attn
+        pid, port = int(sys.argv[1]), sys.argv[2]
+        assert distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                                      timeout_seconds=60)
+        rng = np.random.default_rng(0)
+        sizes = (2, 3, 3)
+        z = (rng.normal(size=(40, 8)) * 3 + 100).astype(np.float32)  # large mean
+        w = (rng.random(40) > 0.3).astype(np.float32)
+        reps = rng.poisson(1.0, size=(2, 40)).astype(np.float32) * w
+        mine = slice(0, 24) if pid == 0 else slice(24, 40)
+        for shards in (1, 2):
+            settings = Settings(stat_shards=shards, bootstrap=2)
+            mesh = distributed.make_mesh(local=True, stat_shards=shards)
+            state = init_state(sizes, settings, [], mesh)
+            if shards == 1:
+                cols, padded = z, sizes
+                m = stats.update(state.moments, z[mine], where=w[mine])
+                r = stats.update_replicates(state.replicates, z[mine], reps[:, mine])
+            else:
+                layout = sharded.Layout(sizes, shards)
+                cols, padded = np.asarray(layout.pad([z[:, :2], z[:, 2:5], z[:, 5:]])), None
+                padded = layout.padded_sizes
+                put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+                data = PartitionSpec(distributed.DATA)
+                zs = put(cols[mine], data)
+                m = sharded.update(state.moments, zs, put(w[mine], data), mesh)
+                r = sharded.update_replicates(
+                    state.replicates, zs, put(reps[:, mine], PartitionSpec(None, distributed.DATA)),
+                    mesh)
+            heads = {("a", "b", "fro"): attn.HeadSimilarityState(
+                jnp.full((2, 3), pid + 1.0), jnp.asarray(pid + 1), jnp.asarray(pid))}
+            state.moments, state.replicates, state.heads = m, r, heads
+            state.frames = int(w[mine].sum())
+            merged = merge_processes(state, settings)
+            if shards > 1:  # still split over this process's devices
+                assert len(merged.moments.comoment.sharding.device_set) == 2
+            got = distributed.fetch_replicated(merged)
+            assert got.frames == int(w.sum())
+            h = got.heads["a", "b", "fro"]
+            assert np.all(h.total == 3.0) and int(h.count) == 3 and int(h.skipped) == 1
+            cases = [(got.moments, w)] + [
+                (jax.tree.map(lambda a, i=i: a[i], got.replicates), reps[i]) for i in range(2)]
+            for m, weights in cases:
+                expected = stats.moments(cols.astype(np.float64), where=weights, sizes=padded)
+                for field, rtol in (("count", 0), ("mean", 1e-6), ("comoment", 2e-5),
+                                    ("row_cross", 1e-3), ("row_gram", 1e-4)):
+                    np.testing.assert_allclose(
+                        np.asarray(getattr(m, field)), getattr(expected, field),
+                        rtol=rtol, atol=1e-2, err_msg=f"{field}, {shards} shard(s)")
+        print("ok", pid)
+        """
+    run_two_processes(code, devices=2, timeout=180)
+
+
 def run_two_processes(code: str, *, devices: int, timeout: float, port: int | None = None) -> None:
     """Runs ``code`` as processes 0 and 1 (``argv``: id, port) on localhost with ``devices``
     fake CPU devices each; each must print ``ok <id>``."""

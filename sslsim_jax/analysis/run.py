@@ -340,7 +340,7 @@ def _analyze_locked(
                 attention_pairs=pairs,
                 finished=functools.partial(saver.save, path),
             )
-            state = merge_processes(state)
+            state = merge_processes(state, settings)
 
             def owned(frame, a=("model_a", "layer_a"), b=("model_b", "layer_b"), p=p):
                 ia = (frame[a[0]] + ":" + frame[a[1]]).map(index)

@@ -8,23 +8,25 @@ continues after the last checkpointed batch and gives the same table as an unint
 reported by name and that run starts again from its first batch.
 
 Processes (after `sslsim_jax.distributed.initialize`): the statistics of all processes are
-merged with Chan's update, in process order, on every process.
+merged by a collective on the mesh of every process's devices (`merge_processes`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sslsim_jax import distributed, results, sharded, stats
 from sslsim_jax.analysis.networks import ModelEntry
@@ -261,38 +263,114 @@ def load_checkpoint(path: str, template: State) -> State:
     return state
 
 
-def merge_processes(state: State) -> State:
-    """The statistics of every process's utterances, on every process (host arrays)."""
+def merge_processes(state: State, settings: Settings) -> State:
+    """The statistics of every process's utterances, on every process.
+
+    A collective on the mesh of all processes' devices (`stats.psum` over ``"data"``, after
+    each process re-centres its accumulators on the global mean): no process gathers the
+    others' statistics. Unsplit statistics come back as host arrays; statistics split over
+    ``"stats"`` (``stat_shards`` > 1) stay split over this process's devices, so no host ever
+    holds the whole co-moment.
+    """
     if jax.process_count() == 1:
         return state
-    from jax.experimental import multihost_utils
+    local = distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
+    world = distributed.make_mesh(settings.devices, stat_shards=settings.stat_shards)
+    specs = _merge_specs(state, settings)
+    parts = (state.moments, state.replicates, state.heads, state.attention_maps)
+    on_world = jax.tree.map(lambda x, spec: _to_world(x, spec, local, world), parts, specs)
+    # One contributor per process: the other "data" rows of a process hold copies of its
+    # statistics.
+    rows = world.shape[distributed.DATA] // jax.process_count()
+    first = np.asarray([i % rows == 0 for i in range(world.shape[distributed.DATA])])
+    first = jax.make_array_from_callback(
+        first.shape, NamedSharding(world, PartitionSpec(distributed.DATA)), lambda i: first[i]
+    )
+    merged = _merger(world, specs)(first, *on_world)
+    moments, replicates, heads, maps = jax.tree.map(
+        lambda x, spec: _to_local(x, spec, local), merged, specs
+    )
+    out = State(
+        done=state.done,
+        moments=moments,
+        replicates=replicates,
+        heads=heads,
+        frames=sum(distributed.allgather_json(int(state.frames))),
+        attention_maps=maps,
+    )
+    return out if settings.stat_shards > 1 else fetch(out)
 
-    arrays = flatten(state)
-    gathered = {k: np.asarray(multihost_utils.process_allgather(v)) for k, v in arrays.items()}
-    # Host memory (this process's CPU): sharded statistics need not fit on one device.
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        return _merge_parts(gathered, state)
+
+def _merge_specs(state: State, settings: Settings):
+    """PartitionSpecs of (moments, replicates, heads, attention_maps) on the run's mesh."""
+
+    def moments(m, leading=0):
+        if m is None:
+            return None
+        if settings.stat_shards > 1:
+            return sharded._specs(m, leading)
+        return jax.tree.map(lambda _: PartitionSpec(), m)
+
+    heads = jax.tree.map(lambda _: PartitionSpec(), state.heads)
+    return (
+        moments(state.moments),
+        moments(state.replicates, 1),
+        heads,
+        moments(state.attention_maps),
+    )
 
 
-def _merge_parts(gathered: dict[str, np.ndarray], state: State) -> State:
-    parts = [
-        restore({k: v[p] for k, v in gathered.items()}, state) for p in range(jax.process_count())
-    ]
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = State(
-            done=merged.done,
-            moments=stats.merge(merged.moments, part.moments),
-            replicates=None
-            if merged.replicates is None
-            else jax.vmap(stats.merge)(merged.replicates, part.replicates),
-            heads={k: attn.merge_states(s, part.heads[k]) for k, s in merged.heads.items()},
-            frames=merged.frames + part.frames,
-            attention_maps=None
-            if merged.attention_maps is None
-            else stats.merge(merged.attention_maps, part.attention_maps),
+def _to_world(x: Any, spec: PartitionSpec, local: Mesh, world: Mesh) -> jax.Array:
+    """This process's array (laid out by ``spec`` on its own mesh) as its rows of a global
+    [data, ...] array over every process's devices."""
+    x = jax.device_put(x, NamedSharding(local, spec))
+    sharding = NamedSharding(world, PartitionSpec(distributed.DATA, *spec))
+    shape = (world.shape[distributed.DATA], *x.shape)
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [s.data[None] for s in x.addressable_shards]
+    )
+
+
+def _to_local(x: jax.Array, spec: PartitionSpec, local: Mesh) -> jax.Array:
+    """A global array copied along ``"data"`` as an array on this process's mesh."""
+    return jax.make_array_from_single_device_arrays(
+        x.shape, NamedSharding(local, spec), [s.data for s in x.addressable_shards]
+    )
+
+
+def _merger(world: Mesh, specs) -> Callable:
+    """The jitted collective merge of (moments, replicates, heads, attention maps)."""
+    data, split = distributed.DATA, distributed.STATS
+
+    def moments_psum(m: stats.Moments) -> stats.Moments:
+        rows = m.comoment.shape[0]
+        start = jax.lax.axis_index(split) * rows
+        return stats.psum(
+            m, data, start=start, reduce=functools.partial(jax.lax.psum, axis_name=split)
         )
-    return fetch(merged)
+
+    def body(first, moments, replicates, heads, maps):
+        def own(tree):  # [1, ...] -> [...], zero unless this row is its process's first
+            keep = first[0]
+            return jax.tree.map(lambda a: jnp.where(keep, a[0], jnp.zeros_like(a[0])), tree)
+
+        moments, replicates, heads, maps = own((moments, replicates, heads, maps))
+        return (
+            moments_psum(moments),
+            None if replicates is None else jax.vmap(moments_psum)(replicates),
+            jax.tree.map(lambda a: jax.lax.psum(a, data), heads),
+            None if maps is None else moments_psum(maps),
+        )
+
+    leading = jax.tree.map(lambda spec: PartitionSpec(data, *spec), specs)
+    mapped = jax.shard_map(
+        body,
+        mesh=world,
+        in_specs=(PartitionSpec(data), *leading),
+        out_specs=specs,
+        check_vma=False,
+    )
+    return jax.jit(mapped)
 
 
 def fetch(state: State) -> State:
