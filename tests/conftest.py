@@ -1,13 +1,23 @@
 """Test-session settings and the helpers every test module shares."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
-# In-process and child `sslsim` runs of the tests keep no persistent compilation cache; the
-# one test of the cache sets its own directory.
+# In-process and child `sslsim` runs of the tests keep no persistent compilation cache of the
+# user's (~/.cache/sslsim); the one test of that cache sets its own directory.
 os.environ.setdefault("SSLSIM_CACHE_DIR", "none")
+# One JAX compilation cache for this test session, child processes included, removed at exit:
+# many tests compile the same tiny models and metrics (measured: test_pipeline.py 368 s -> 324
+# s). Every session starts cold, so no test can pass on a program compiled by an older tree.
+_JAX_CACHE = tempfile.mkdtemp(prefix="sslsim-test-jax-cache-")
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -164,44 +164,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_merge_statistics_like_one():
-    """Two real processes on localhost (gloo CPU collectives), 2 fake devices each: each holds
-    half of the frames, and the jitted update's cross-process reduction gives the one-pass
-    statistics of all frames."""
-    code = """
-        import sys
-        import jax
-        import numpy as np
-        from sslsim_jax import distributed, stats
-        pid, port = int(sys.argv[1]), sys.argv[2]
-        assert distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                                      timeout_seconds=60)
-        mesh = distributed.make_mesh()
-        assert mesh.size == 4 and distributed.batch_multiple(mesh) == 2
-        rng = np.random.default_rng(0)
-        z = (rng.normal(size=(16, 5)) * 3 + 100).astype(np.float32)  # [N, D], large mean
-        w = rng.random(16) > 0.3  # [N]
-        mine = slice(8 * pid, 8 * pid + 8)
-        update = jax.jit(lambda m, z, w: stats.update(m, z, where=w),
-                         out_shardings=distributed.replicated(mesh))
-        m = update(stats.init((2, 3)), distributed.shard_batch(z[mine], mesh),
-                   distributed.shard_batch(w[mine], mesh))
-        m = distributed.fetch_replicated(m)
-        expected = stats.moments(z.astype(np.float64), where=w, sizes=(2, 3))
-        # float32 against float64: third and fourth moments (row_*) keep fewer digits.
-        for field, rtol in (("count", 0), ("mean", 1e-6), ("comoment", 2e-5),
-                            ("row_cross", 1e-3), ("row_gram", 1e-4)):
-            np.testing.assert_allclose(getattr(m, field), getattr(expected, field),
-                                       rtol=rtol, atol=1e-2, err_msg=field)
-        print("ok", pid)
-        """
-    run_two_processes(code, devices=2, timeout=120)
+def test_two_processes_merge_statistics_like_one_pass():
+    """Two real processes on localhost (gloo CPU collectives), 2 fake devices each.
 
-
-def test_merge_processes_is_a_collective_equal_to_one_pass():
-    """`merge_processes` on 2 processes × 2 devices, unequal shares of the frames: statistics
-    (whole, and split over "stats"), bootstrap replicates, head sums and frame counts equal
-    one pass over all frames; split statistics stay split over the process's devices."""
+    1. A jitted update on the mesh of both processes' devices, each holding half of the frames:
+       the cross-process reduction gives the one-pass statistics of all frames.
+    2. `merge_processes`, unequal shares of the frames: statistics (whole, and split over
+       "stats"), bootstrap replicates, head sums and frame counts equal one pass over all
+       frames; split statistics stay split over the process's devices.
+    """
     code = """
         import sys
         import jax
@@ -215,7 +186,28 @@ def test_merge_processes_is_a_collective_equal_to_one_pass():
         pid, port = int(sys.argv[1]), sys.argv[2]
         assert distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
                                       timeout_seconds=60)
+        FIELDS = (("count", 0), ("mean", 1e-6), ("comoment", 2e-5), ("row_cross", 1e-3),
+                  ("row_gram", 1e-4))  # float32 against float64: row_* keep fewer digits
+
+        def assert_moments(m, expected, what):
+            for field, rtol in FIELDS:
+                np.testing.assert_allclose(np.asarray(getattr(m, field)),
+                                           getattr(expected, field), rtol=rtol, atol=1e-2,
+                                           err_msg=f"{field}, {what}")
+
+        mesh = distributed.make_mesh()
+        assert mesh.size == 4 and distributed.batch_multiple(mesh) == 2
         rng = np.random.default_rng(0)
+        z = (rng.normal(size=(16, 5)) * 3 + 100).astype(np.float32)  # [N, D], large mean
+        w = rng.random(16) > 0.3  # [N]
+        half = slice(8 * pid, 8 * pid + 8)
+        update = jax.jit(lambda m, z, w: stats.update(m, z, where=w),
+                         out_shardings=distributed.replicated(mesh))
+        m = update(stats.init((2, 3)), distributed.shard_batch(z[half], mesh),
+                   distributed.shard_batch(w[half], mesh))
+        assert_moments(distributed.fetch_replicated(m),
+                       stats.moments(z.astype(np.float64), where=w, sizes=(2, 3)), "global mesh")
+
         sizes = (2, 3, 3)
         z = (rng.normal(size=(40, 8)) * 3 + 100).astype(np.float32)  # large mean
         w = (rng.random(40) > 0.3).astype(np.float32)
@@ -255,11 +247,7 @@ def test_merge_processes_is_a_collective_equal_to_one_pass():
                 (jax.tree.map(lambda a, i=i: a[i], got.replicates), reps[i]) for i in range(2)]
             for m, weights in cases:
                 expected = stats.moments(cols.astype(np.float64), where=weights, sizes=padded)
-                for field, rtol in (("count", 0), ("mean", 1e-6), ("comoment", 2e-5),
-                                    ("row_cross", 1e-3), ("row_gram", 1e-4)):
-                    np.testing.assert_allclose(
-                        np.asarray(getattr(m, field)), getattr(expected, field),
-                        rtol=rtol, atol=1e-2, err_msg=f"{field}, {shards} shard(s)")
+                assert_moments(m, expected, f"{shards} shard(s)")
         print("ok", pid)
         """
     run_two_processes(code, devices=2, timeout=180)

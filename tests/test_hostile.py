@@ -62,7 +62,9 @@ def test_audio_changed_in_place_is_not_served_from_old_statistics(model_dir, tmp
 def test_a_new_run_leaves_no_file_of_the_earlier_one(model_dir, tmp_path):
     other = save_demo_model(tmp_path / "hubert", "tiny_hubert", seed=1)
     out = tmp_path / "out"
-    attention = Settings(metrics=("linear_cka",), max_seconds=1.0, attention=True)
+    attention = Settings(
+        metrics=("linear_cka",), max_seconds=1.0, attention=True, attention_methods=("js",)
+    )
     analyze([model_dir, other], SPEECH[:1], out, attention, progress=False)
     assert (out / results.ATTENTION_HEADS).is_file()
     figures = set((out / results.FIGURES).glob("*.png"))
