@@ -111,7 +111,8 @@ def _analyze(args: argparse.Namespace) -> int:
     if not args.no_report:
         print(f"report: {args.out}/report.html")
     state = os.path.join(args.out, STATE_DIR)
-    size = sum(e.stat().st_size for e in os.scandir(state) if e.is_file())
+    # Checkpoints: a .npz file per pass, or an orbax folder when split with --stat-shards.
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(state) for f in files)
     print(
         f"statistics kept in {state} ({size / 1e6:.1f} MB): the same command with other "
         "--metrics reuses them; delete that folder to free the space"

@@ -117,6 +117,10 @@ def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat
         settings = Settings(**{SETTINGS!r}, devices=8, stat_shards={stat_shards})
         out = {str(tmp_path / "d8")!r}
         table = analyze(models, demo_audio_paths(), out, settings, progress=False, report=False)
+        # Split statistics are checkpointed by orbax, each device's rows apart; others in a .npz.
+        import os
+        kept = sorted(os.path.splitext(f)[1] for f in os.listdir(out + "/.sslsim_state"))
+        assert kept == [".0", (".orbax" if {stat_shards} > 1 else ".npz")], kept
         # Same run, other metrics: the statistics come back from the checkpoint, onto their
         # devices (sharded when stat_shards > 1), and no model runs.
         def no_extraction(*args, **kwargs):
@@ -174,14 +178,18 @@ def test_two_processes_merge_statistics_like_one_pass():
        frames; split statistics stay split over the process's devices.
     """
     code = """
+        import dataclasses
+        import os
         import sys
+        import tempfile
         import jax
         import jax.numpy as jnp
         import numpy as np
         from jax.sharding import NamedSharding, PartitionSpec
         from sslsim_jax import distributed, sharded, stats
         from sslsim_jax.analysis import Settings
-        from sslsim_jax.analysis.state import init_state, merge_processes
+        from sslsim_jax.analysis.state import (init_state, load_checkpoint, merge_processes,
+                                               save_checkpoint)
         from sslsim_jax.metrics import attention as attn
         pid, port = int(sys.argv[1]), sys.argv[2]
         assert distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
@@ -239,6 +247,14 @@ def test_two_processes_merge_statistics_like_one_pass():
             merged = merge_processes(state, settings)
             if shards > 1:  # still split over this process's devices
                 assert len(merged.moments.comoment.sharding.device_set) == 2
+                # and checkpointed by each process on its own (a .npz: orbax writes only
+                # arrays spanning every process), restored onto this process's devices
+                path = os.path.join(tempfile.mkdtemp(), f"p{pid}.npz")
+                save_checkpoint(path, merged)
+                back = load_checkpoint(path, init_state(sizes, settings, [], mesh))
+                assert back.frames == int(w.sum()) and os.path.isfile(path)
+                assert back.moments.comoment.sharding == merged.moments.comoment.sharding
+                merged = dataclasses.replace(back, heads=merged.heads)
             got = distributed.fetch_replicated(merged)
             assert got.frames == int(w.sum())
             h = got.heads["a", "b", "fro"]

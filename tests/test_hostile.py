@@ -18,6 +18,7 @@ from sslsim_jax import audio, cli, results
 from sslsim_jax.analysis import STATE_DIR, Settings, analyze
 from sslsim_jax.analysis.run import lock_output_dir
 from sslsim_jax.analysis.state import CheckpointWarning
+from tests.conftest import run_on_devices
 from tests.test_pipeline import cli_error, save_demo_model
 
 SPEECH = audio.demo_audio_paths()
@@ -101,6 +102,53 @@ def test_damaged_checkpoint_is_named_and_recomputed(model_dir, tmp_path, damage)
     np.testing.assert_allclose(again.value, first.value, rtol=1e-6)
     assert checkpoint.with_suffix(".npz.bad").is_file()
     quick([model_dir], SPEECH[:2], out)  # and later runs are not blocked
+
+
+def test_split_statistics_checkpoint_with_orbax_and_survive_damage():
+    """stat_shards > 1: the checkpoint is an orbax folder written from the shards (no .npz),
+    restored onto the same devices bit for bit; a damaged one is named, set aside and
+    recomputed like a damaged .npz."""
+    code = """
+        import os, tempfile, warnings
+        import jax, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from sslsim_jax import distributed, sharded
+        from sslsim_jax.analysis import Settings
+        from sslsim_jax.analysis import state as S
+        settings = Settings(stat_shards=2, bootstrap=2, devices=2)
+        mesh = distributed.make_mesh(2, local=True, stat_shards=2)
+        sizes = (2, 3, 3)
+        layout = sharded.Layout(sizes, 2)
+        z = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+        zp = np.asarray(layout.pad([z[:, :2], z[:, 2:5], z[:, 5:]]))
+        put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+        state = S.init_state(sizes, settings, [], mesh)
+        state.moments = sharded.update(state.moments, put(zp), put(np.ones(40, np.float32)), mesh)
+        state.done, state.frames = 3, 40
+        path = os.path.join(tempfile.mkdtemp(), "key.npz")
+        S.save_checkpoint(path, state)
+        assert not os.path.exists(path) and os.path.isdir(path[:-4] + ".orbax")
+        template = S.init_state(sizes, settings, [], mesh)
+        back = S.load_checkpoint(path, template)
+        assert (back.done, back.frames) == (3, 40)
+        assert back.moments.comoment.sharding == state.moments.comoment.sharding
+        np.testing.assert_array_equal(back.moments.comoment, state.moments.comoment)
+        for root, _, files in os.walk(path[:-4] + ".orbax"):
+            for name in files:
+                open(os.path.join(root, name), "wb").close()  # truncated to nothing
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = S.load_checkpoint(path, template)
+        assert again is template, again.done
+        (message,) = [str(w.message) for w in caught if w.category is S.CheckpointWarning]
+        assert message.startswith(path[:-4] + ".orbax: unreadable checkpoint"), message
+        assert os.path.isdir(path[:-4] + ".orbax.bad")
+        S.save_checkpoint(path, state)  # later runs are not blocked
+        assert S.load_checkpoint(path, template).done == 3
+        print("ok")
+        """
+    run = run_on_devices(code, devices=2, timeout=120)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
 def test_all_silent_audio_gives_undefined_not_zero(model_dir, tmp_path):

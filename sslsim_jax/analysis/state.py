@@ -5,7 +5,8 @@ keyed by `run_key` (models by weights digest, audio by path, size and modificati
 the settings that change the statistics); a run started again with the same arguments
 continues after the last checkpointed batch and gives the same table as an uninterrupted run
 (batches are deterministic and merged in the same order). A checkpoint that cannot be read is
-reported by name and that run starts again from its first batch.
+reported by name and that run starts again from its first batch. Statistics split over devices
+(``stat_shards`` > 1) stay split and are checkpointed with orbax, shard by shard (one process).
 
 Processes (after `sslsim_jax.distributed.initialize`): the statistics of all processes are
 merged by a collective on the mesh of every process's devices (`merge_processes`).
@@ -19,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -114,18 +116,8 @@ def _head_key(key: tuple[str, str, str]) -> str:
 
 
 def flatten(state: State) -> dict[str, np.ndarray]:
-    arrays = {"done": np.array(state.done), "frames": np.array(state.frames)}
-    if state.rbf is not None:
-        arrays["rbf"], arrays["rbf_filled"] = state.rbf, np.array(state.rbf_filled)
-    for prefix in _MOMENTS:
-        m = getattr(state, prefix)
-        if m is not None:
-            for field in _MOMENT_FIELDS:
-                arrays[f"{prefix}.{field}"] = np.asarray(getattr(m, field))
-    for key, s in state.heads.items():
-        for field in _HEAD_FIELDS:
-            arrays[f"{_head_key(key)}.{field}"] = np.asarray(getattr(s, field))
-    return arrays
+    """The state as named host arrays (what a ``.npz`` checkpoint holds)."""
+    return {k: np.asarray(v) for k, v in _arrays(state).items()}
 
 
 def _place(array: np.ndarray, like: Any) -> jax.Array:
@@ -200,9 +192,95 @@ class CheckpointWarning(UserWarning):
 
 
 def save_checkpoint(path: str, state: State) -> None:
-    """Writes ``state`` (host arrays) to ``path`` atomically, fsynced before the rename."""
-    arrays = flatten(fetch(state))
+    """Writes ``state`` to ``path`` atomically, fsynced before the rename.
+
+    Statistics split over devices (``stat_shards`` > 1) are written with orbax instead, each
+    device's rows apart, into the directory `split_path` (``path`` stays absent): no host
+    assembles the whole matrix. Not in multi-process runs: orbax writes only arrays that span
+    every process, while each process checkpoints its own share on its own schedule; there a
+    process's statistics pass through its host memory into the ``.npz``.
+    """
+    state = fetch(state)
+    if _orbax(state):
+        _save_split(split_path(path), state)
+        return
+    arrays = flatten(state)
     results.atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def _orbax(state: State) -> bool:
+    """Whether ``state``'s checkpoints are orbax folders (see `save_checkpoint`)."""
+    return jax.process_count() == 1 and is_split(state.moments.comoment)
+
+
+def split_path(path: str) -> str:
+    """The orbax directory of the checkpoint ``path`` (``KEY.npz`` -> ``KEY.orbax``) when the
+    statistics are split over devices."""
+    return path.removesuffix(".npz") + ".orbax"
+
+
+def _arrays(state: State) -> dict[str, Any]:
+    """`flatten`'s names, arrays left where they are (device arrays stay on their devices)."""
+    arrays: dict[str, Any] = {"done": np.array(state.done), "frames": np.array(state.frames)}
+    if state.rbf is not None:
+        arrays["rbf"], arrays["rbf_filled"] = state.rbf, np.array(state.rbf_filled)
+    for prefix in _MOMENTS:
+        m = getattr(state, prefix)
+        if m is not None:
+            for field in _MOMENT_FIELDS:
+                arrays[f"{prefix}.{field}"] = getattr(m, field)
+    for key, s in state.heads.items():
+        for field in _HEAD_FIELDS:
+            arrays[f"{_head_key(key)}.{field}"] = getattr(s, field)
+    return arrays
+
+
+def _manager(directory: str):
+    """An orbax manager of one process's checkpoints (the last one kept): steps are batches
+    done; each write goes to a new step directory, finalised by a rename, so a killed write
+    leaves the previous checkpoint intact."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    os.makedirs(directory, exist_ok=True)  # orbax creates no root for one active process
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        enable_async_checkpointing=False,
+        create=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"sslsim-{me}"
+        ),
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _save_split(directory: str, state: State) -> None:
+    import orbax.checkpoint as ocp
+
+    with _manager(directory) as manager:
+        if manager.latest_step() == state.done:
+            return  # this batch count is already written (the same statistics)
+        manager.save(state.done, args=ocp.args.StandardSave(_arrays(state)))
+        manager.wait_until_finished()
+
+
+def _load_split(directory: str, template: State) -> State:
+    import orbax.checkpoint as ocp
+
+    def abstract(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return np.asarray(x)
+
+    target = {}
+    for key, x in _arrays(template).items():
+        target[key] = abstract(x)
+    with _manager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return template
+        loaded = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return restore(loaded, template)
 
 
 class CheckpointSaver:
@@ -244,14 +322,24 @@ def load_checkpoint(path: str, template: State) -> State:
     ``path + ".bad"`` with a warning that names it, and the run starts from ``template``:
     a damaged checkpoint never blocks later runs and is never half used.
     """
-    if not os.path.isfile(path):
+    split = _orbax(template)
+    if split:
+        path = split_path(path)
+        if not os.path.isdir(path):
+            return template
+    elif not os.path.isfile(path):
         return template
     try:
-        with np.load(path) as arrays:
-            loaded = {k: arrays[k] for k in arrays.files}
-        state = restore(loaded, template)
-    except Exception as e:  # zipfile, pickle, shape and key errors alike: the file is bad
+        if split:
+            state = _load_split(path, template)
+        else:
+            with np.load(path) as arrays:
+                loaded = {k: arrays[k] for k in arrays.files}
+            state = restore(loaded, template)
+    except Exception as e:  # zipfile, pickle, orbax, shape and key errors alike: the file is bad
         bad = path + ".bad"
+        if os.path.isdir(bad):
+            shutil.rmtree(bad)
         os.replace(path, bad)
         warnings.warn(
             f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); moved to {bad}, "
@@ -373,12 +461,29 @@ def _merger(world: Mesh, specs) -> Callable:
     return jax.jit(mapped)
 
 
+def is_split(x: Any) -> bool:
+    """``x`` is a device array split over several devices (rows of sharded statistics)."""
+    return (
+        isinstance(x, jax.Array)
+        and len(x.sharding.device_set) > 1
+        and not x.sharding.is_fully_replicated
+    )
+
+
 def fetch(state: State) -> State:
-    """The statistics as host arrays, so the metrics run once rather than on every device."""
+    """The statistics as host arrays, so the metrics run once rather than on every device.
+
+    Statistics split over devices (``stat_shards`` > 1) stay where they are: the metrics are
+    computed from the shards (`sslsim_jax.sharded`) and no host assembles the whole matrix.
+    """
+
+    def host(tree):
+        return jax.tree.map(lambda x: x if is_split(x) else distributed.fetch_replicated(x), tree)
+
     return dataclasses.replace(
         state,
-        moments=distributed.fetch_replicated(state.moments),
-        replicates=distributed.fetch_replicated(state.replicates),
+        moments=host(state.moments),
+        replicates=host(state.replicates),
         heads=distributed.fetch_replicated(state.heads),
         attention_maps=distributed.fetch_replicated(state.attention_maps),
     )
