@@ -76,19 +76,40 @@ def _map_updater(mesh: jax.sharding.Mesh) -> Callable:
     return jax.jit(attention_maps.update, out_shardings=distributed.replicated(mesh))
 
 
-def _check_finite(entry: ModelEntry, out, mask: np.ndarray, batch_paths: Sequence[str]) -> None:
-    # One device computation and one transfer for all kept layers: [layers, B, T].
-    finite = jnp.stack(
-        [jnp.all(jnp.isfinite(entry.hidden(out, label).astype(jnp.float32)), axis=-1)
+def _bad_frames(entry: ModelEntry, out, mask: jax.Array) -> jax.Array:
+    """[layers, B] device flags: a valid frame of the utterance holds NaN or Inf in that kept
+    layer. Computed where the activations are; read later (`_raise_if_bad`), not per model."""
+    bad = jnp.stack(
+        [jnp.any(~jnp.isfinite(entry.hidden(out, label).astype(jnp.float32)), axis=-1)
          for label in entry.layers]
     )  # fmt: skip
-    bad = ~np.asarray(finite) & mask
-    if bad.any():
-        layer, u, _ = np.argwhere(bad)[0]  # first layer, then first utterance
-        raise AnalysisError(
-            f"model {entry.name}: NaN or Inf in layer {entry.layers[layer]} for utterance "
-            f"{batch_paths[u]}"
-        )
+    return jnp.any(bad & mask, axis=-1)
+
+
+def _raise_if_bad(pending: list[tuple[ModelEntry, jax.Array, Sequence[str]]]) -> None:
+    """Reads the NaN/Inf flags of the batches folded since the last check (in batch, then model
+    order) and names the first model, layer and utterance with one; empties ``pending``."""
+    checks, pending[:] = list(pending), []
+    for entry, flags, paths in checks:
+        bad = np.asarray(flags)
+        if bad.any():
+            layer, u = np.argwhere(bad)[0]  # first layer, then first utterance
+            raise AnalysisError(
+                f"model {entry.name}: NaN or Inf in layer {entry.layers[layer]} for utterance "
+                f"{paths[u]}"
+            )
+
+
+def host_frame_mask(entry: ModelEntry, samples: int, lens: np.ndarray, real: np.ndarray):
+    """[B, T] valid frames of a padded batch of ``samples`` samples from the lengths alone
+    (`ModelConfig.frame_lengths`, the model's own formula); False on dummy utterances."""
+    config = entry.model.config
+    frames = config.frame_lengths(np.asarray(lens))
+    return (np.arange(config.num_frames(samples))[None] < frames[:, None]) & real[:, None]
+
+
+# Batches folded between two reads of the NaN/Inf flags (and at every checkpoint and the end).
+CHECK_EVERY = 8
 
 
 def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
@@ -214,6 +235,7 @@ def extract(
         disable=not progress,
     )
     last = time.monotonic()
+    pending = []  # (entry, device NaN/Inf flags [layers, B], batch paths) not read yet
     # Decoding runs a couple of batches ahead on a thread; closed however the loop ends.
     with contextlib.closing(prefetch(batches, utterances, start=state.done)) as decoded:
         for index, batch in enumerate(batches):
@@ -234,11 +256,10 @@ def extract(
                 out = entry.model.intermediates(
                     distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
                 )
-                # An allocation that failed on the device raises here; reading an output
-                # buffer first would wait for it forever (XLA CPU).
-                out = jax.block_until_ready(out)
-                frame_mask = np.asarray(out.frame_mask) & real[:, None]  # [B, T]
-                _check_finite(entry, out, frame_mask, paths)
+                # No host sync per model: the mask comes from the lengths, the NaN/Inf flags
+                # stay on the device until `_raise_if_bad` reads them.
+                frame_mask = host_frame_mask(entry, raw.shape[1], lens, real)  # [B, T]
+                pending.append((entry, _bad_frames(entry, out, jnp.asarray(frame_mask)), paths))
                 mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
                 for label in entry.layers:
                     h = entry.hidden(out, label)
@@ -273,13 +294,20 @@ def extract(
                 state.attention_maps = _map_updater(mesh)(
                     state.attention_maps, [maps[e.name] for e in entries], frame_lengths
                 )
+            # One sync per batch: bounds the work queued ahead, and a failed device allocation
+            # raises here (reading an output buffer first would wait for it forever, XLA CPU).
+            jax.block_until_ready(state.moments)
             state.frames += int(mask.sum())
             state.done = index + 1
             bar.update(round(seconds[index], 1))
             bar.set_postfix(utterances=sum(len(b) for b in batches[: index + 1]))
             now = time.monotonic()
-            final = index == len(batches) - 1 and finished is None
-            if state_path and (final or now - last >= settings.checkpoint_seconds):
+            last_batch = index == len(batches) - 1
+            final = last_batch and finished is None
+            save = state_path and (final or now - last >= settings.checkpoint_seconds)
+            if save or last_batch or len(pending) >= CHECK_EVERY * len(entries):
+                _raise_if_bad(pending)  # before a checkpoint: it never holds NaN statistics
+            if save:
                 state_lib.save_checkpoint(state_path, state)
                 last = now
     bar.close()
