@@ -122,7 +122,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from sslsim_jax import demo
+    from sslsim_jax.analysis.run import check_output_dir
 
+    check_output_dir(args.out)  # before any model is built or loaded
     demo.run(out=args.out, progress=not args.quiet)
     print(f"report: {args.out}/report.html")
     return 0

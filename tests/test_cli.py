@@ -80,6 +80,21 @@ def test_convert_error_is_one_line_without_traceback(tmp_path, capsys):
     assert "missing: no such model directory" in err
 
 
+def test_demo_checks_out_before_building_any_model(tmp_path, capsys, monkeypatch):
+    from sslsim_jax import demo
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("--out must be checked before the models are built")
+
+    monkeypatch.setattr(demo, "demo_models", no_models)
+    monkeypatch.setattr(demo, "run", no_models)
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    assert main(["demo", "--out", str(taken)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sslsim demo: error: --out: {taken}: exists and is not a directory"], err
+
+
 def test_every_package_is_installed():
     """pyproject lists the packages (the convert/ folder is mapped into the namespace)."""
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
