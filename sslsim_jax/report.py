@@ -15,12 +15,15 @@ through ``pyplot``, so no global figure state is kept between calls.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import html
 import io
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import re
 import struct
 from collections.abc import Sequence
@@ -454,6 +457,73 @@ def _save(fig: Figure, path: Path) -> tuple[int, int]:
     return width, height
 
 
+def _render(payload: bytes, path: str) -> tuple[int, int]:
+    """`_save` of a pickled figure (on a worker process)."""
+    return _save(pickle.loads(payload), Path(path))
+
+
+# Figures saved in this process before a report starts worker processes: a small report is done
+# before the workers would have imported their modules.
+INLINE_FIGURES = 12
+
+
+def report_workers() -> int:
+    """Processes that draw a report's figures: ``$SSLSIM_REPORT_WORKERS``, default the cores
+    this process may use (at most 8)."""
+    value = os.environ.get("SSLSIM_REPORT_WORKERS", "")
+    if value.strip():
+        try:
+            workers = int(value)
+        except ValueError:
+            raise ValueError(f"SSLSIM_REPORT_WORKERS: expected an integer, got {value!r}") from None
+        return max(workers, 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(cores, 8)
+
+
+class _Renderer:
+    """Saves figures as PNGs: the first `INLINE_FIGURES` here, the rest on ``workers``
+    processes (drawing is most of a report's time, about 0.5 s a figure). `sizes` waits for
+    every figure and returns their (width, height) in submission order."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._jobs: list[concurrent.futures.Future | tuple[int, int]] = []
+
+    def submit(self, fig: Figure, path: Path) -> int:
+        payload = None
+        if self._workers > 1 and len(self._jobs) >= INLINE_FIGURES:
+            try:
+                payload = pickle.dumps(fig)
+            except (AttributeError, TypeError, pickle.PicklingError):
+                payload = None  # e.g. a secondary axis with a lambda: drawn here
+        if payload is None:
+            self._jobs.append(_save(fig, path))
+        else:
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")  # never fork a JAX process
+                self._pool = concurrent.futures.ProcessPoolExecutor(self._workers, context)
+            self._jobs.append(self._pool.submit(_render, payload, str(path)))
+        return len(self._jobs) - 1
+
+    def sizes(self) -> list[tuple[int, int]]:
+        try:
+            return [
+                j.result() if isinstance(j, concurrent.futures.Future) else j for j in self._jobs
+            ]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def _slug(*parts: str) -> str:
     return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-.") or "x" for p in parts)
 
@@ -580,7 +650,7 @@ nav a { margin-right: 1em; }
 """
 
 
-def build_report(out_dir: str | os.PathLike[str]) -> str:
+def build_report(out_dir: str | os.PathLike[str], *, workers: int | None = None) -> str:
     """Draws every figure and writes ``report.html`` for a run's output directory.
 
     Writes PNGs under ``out_dir/figures/``: one heatmap per metric and model pair (every
@@ -593,6 +663,8 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
 
     Args:
       out_dir: the run's output directory.
+      workers: processes that draw the figures (default `report_workers`: the usable cores,
+        at most 8; 1 draws them all in this process).
 
     Returns:
       The path of ``report.html``.
@@ -609,18 +681,21 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
     sections = []
 
     used: set[str] = set()
+    renderer = _Renderer(report_workers() if workers is None else workers)
+    placed: list[tuple[str, str]] = []  # (file, caption) of each figure, in submission order
 
-    def emit(fig: Figure, name: str, caption: str) -> _Figure:
+    def emit(fig: Figure, name: str, caption: str) -> str:
+        """Saves ``fig`` (maybe on a worker) and returns a placeholder for its HTML, filled in
+        once its width is known."""
         # Model names that differ only in characters _slug replaces must not share a file.
         stem, k = name.removesuffix(".png"), 1
         while name in used:
             k += 1
             name = f"{stem}_{k}.png"
         used.add(name)
-        width, _ = _save(fig, fig_dir / name)
-        # Small figures at 3/4 size so two fit side by side; large grids (24+ layers) at full
-        # size so their tick labels stay readable (the page caps them at its width).
-        return _Figure(f"figures/{name}", caption, width if width > 1000 else round(0.75 * width))
+        index = renderer.submit(fig, fig_dir / name)
+        placed.append((f"figures/{name}", caption))
+        return f"\x00figure {index}\x00"
 
     if results.finetune_pairs:
         parts = ['<h2 id="finetune">Pre-trained vs fine-tuned</h2><div class="figures">']
@@ -635,7 +710,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
                 f"(x-centric metrics: pre-trained in terms of fine-tuned)"
                 + ("; shaded bands are bootstrap confidence intervals." if results.has_ci else ".")
             )
-            parts.append(_figure_html(emit(fig, f"finetune_{_slug(pre, ft)}.png", caption)))
+            parts.append(emit(fig, f"finetune_{_slug(pre, ft)}.png", caption))
         parts.append("</div>")
         sections.append("".join(parts))
 
@@ -662,7 +737,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
         parts = [
             f'<h2 id="{anchor}">{_esc(info.label)} (<code>{_esc(metric)}</code>)</h2>'
             f"<p>{_esc(info.direction.capitalize())}. {_esc(relation)}</p>"
-            + _figure_html(emit(grid, f"grid_{_slug(metric)}.png", grid_caption))
+            + emit(grid, f"grid_{_slug(metric)}.png", grid_caption)
             + "<details><summary>Per model pair</summary>"
             '<div class="figures">'
         ]
@@ -674,7 +749,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
                 + f"; {info.direction}."
             )
             fig = heatmap(sim, metric=metric, model_a=a, model_b=b, frames=frames)
-            parts.append(_figure_html(emit(fig, f"heatmap_{_slug(metric, a, b)}.png", caption)))
+            parts.append(emit(fig, f"heatmap_{_slug(metric, a, b)}.png", caption))
             tables.append(
                 f"<details><summary>Table: {_esc(a)} (rows) vs {_esc(b)} (columns)</summary>"
                 f"{_matrix_table(results, metric, a, b)}</details>"
@@ -697,7 +772,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
                 "more than the run's average; negative: it is distributed over a subspace."
             )
             fig = figures.localization_plot(results.localization)
-            parts.append(_figure_html(emit(fig, "localization.png", caption)))
+            parts.append(emit(fig, "localization.png", caption))
         if results.topk is not None and len(results.topk):
             pool = results.run.get("settings", {}).get("neuron_pool", "networks")
             caption = (
@@ -707,7 +782,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
                 "spread over many neurons; steep ones: a few neurons carry it."
             )
             fig = figures.topk_plot(results.topk, pool=pool)
-            parts.append(_figure_html(emit(fig, "topk.png", caption)))
+            parts.append(emit(fig, "topk.png", caption))
         parts.append("</div>")
         sections.append("".join(parts))
 
@@ -728,7 +803,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
                 f"every head of {b} (columns), "
                 f"same-numbered layers; {info.direction}."
             )
-            parts.append(_figure_html(emit(fig, f"heads_{_slug(method, a, b)}.png", caption)))
+            parts.append(emit(fig, f"heads_{_slug(method, a, b)}.png", caption))
         if not keys:
             parts.append("<p>No cross-model same-layer head pairs in attention_heads.csv.</p>")
         parts.append(
@@ -758,6 +833,14 @@ def build_report(out_dir: str | os.PathLike[str]) -> str:
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
+    )
+    # Small figures at 3/4 size so two fit side by side; large grids (24+ layers) at full size
+    # so their tick labels stay readable (the page caps them at its width).
+    widths = [w if w > 1000 else round(0.75 * w) for w, _ in renderer.sizes()]
+    page = re.sub(
+        "\x00figure (\\d+)\x00",
+        lambda m: _figure_html(_Figure(*placed[int(m[1])], widths[int(m[1])])),
+        page,
     )
     path = out / results_schema.REPORT
     results_schema.atomic_write(path, lambda f: f.write(page.encode("utf-8")), binary=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,22 @@ def test_build_report_writes_every_figure(built):
     for name in figures:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob("*.partial"))
+
+
+def test_figures_drawn_by_worker_processes_equal_those_drawn_here(built, tmp_path, monkeypatch):
+    """The same report with 2 worker processes (from the first figure on): the same files,
+    PNG sizes and page; grids with a secondary axis cannot be pickled and are drawn here."""
+    out, path = built
+    again = tmp_path / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("figures", "report.html"))
+    monkeypatch.setattr(report, "INLINE_FIGURES", 0)
+    report.build_report(again, workers=2)
+    ours = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert sorted(p.name for p in (again / "figures").glob("*.png")) == ours
+    for name in ours:
+        a, b = (out / "figures" / name).read_bytes(), (again / "figures" / name).read_bytes()
+        assert a[16:24] == b[16:24], name  # width and height
+    assert (again / "report.html").read_text() == Path(path).read_text()
 
 
 def test_report_html_references_figures_and_provenance(built):
