@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sslsim_jax import analyses, demo, results
 
-FIGURES = ("grid_linear_cka", "grid_svcca", "grid_maxcorr", "localization", "topk")
+FIGURES = ("grid_linear_cka", "localization", "topk")
 
 
 def markdown(frame) -> str:
