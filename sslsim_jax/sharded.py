@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from sslsim_jax import stats
 from sslsim_jax.distributed import DATA, STATS
-from sslsim_jax.metrics import kernels
+from sslsim_jax.metrics import kernels, registry
 
 __all__ = ["Layout", "init", "pairwise", "update", "update_replicates"]
 
@@ -242,12 +242,19 @@ def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
     return diag, valid, norms, s
 
 
-def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons):
+def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons, topk, ks):
+    from sslsim_jax.metrics.topk import topk_matrices
+
     b = _local_blocks(m, width, diag, valid, real)
     isd = kernels.inv_sd(b)
-    out = kernels.metric_matrices(b, s, isd, metrics=metrics, width=cca_width, norms=norms)
+    out = {}
+    if metrics:
+        out = kernels.metric_matrices(b, s, isd, metrics=metrics, width=cca_width, norms=norms)
     if neurons:
         out["best"], out["matched"] = kernels.neuron_best(b, isd)  # [Ka, P, K]
+    if topk:
+        values = topk_matrices(b, s, isd, metrics=topk, ks=ks, width=cca_width)
+        out |= {f"topk:{name}": v for name, v in values.items()}  # [Ka, K, len(ks)]
     return out
 
 
@@ -259,6 +266,8 @@ def pairwise(
     *,
     metrics: Sequence[str],
     neurons: bool = False,
+    topk: Sequence[str] = (),
+    ks: Sequence[float] = (),
     variance: float = 0.99,
     variance_rule: str = "below",
     rtol: float | None = None,
@@ -273,14 +282,21 @@ def pairwise(
         metrics: names among `sslsim_jax.pairwise.METRICS` except "rbf_cka".
         neurons: also return "best", "matched" [K, P, K] (as `kernels.neuron_best`) and
             "valid" [K, P].
+        topk, ks: also return Wu et al.'s top-k of these metrics (`sslsim_jax.metrics.topk`)
+            at fractions ``ks``, as "topk:METRIC" [K, K, len(ks)]; ``metrics`` may then be
+            empty.
         variance, variance_rule, rtol: as in `sslsim_jax.pairwise.compare_moments`.
 
     Returns:
         metric name -> [K, K] NumPy array, as `sslsim_jax.pairwise.compare_moments`.
     """
+    from sslsim_jax.metrics.topk import check_ks
+    from sslsim_jax.metrics.topk import check_metrics as check_topk
     from sslsim_jax.pairwise import check_metrics, is_spectral
 
-    metrics = check_metrics(metrics)
+    metrics = check_metrics(metrics) if metrics or not topk else ()
+    topk = check_topk(topk) if topk else ()
+    ks = check_ks(ks) if topk else ()
     if "rbf_cka" in metrics:
         raise ValueError("rbf_cka needs raw activations: use compare(...)")
     k, width = len(layout.sizes), layout.width
@@ -292,7 +308,7 @@ def pairwise(
     mesh = Mesh(mesh.devices[:1], mesh.axis_names, axis_types=mesh.axis_types)
     m = jax.device_put(m, shardings(m, mesh))
     real = jnp.asarray(layout.real)
-    spectral = is_spectral(metrics)
+    spectral = is_spectral(metrics) or any(registry.get(name).spectral for name in topk)
     m_spec = _specs(m)
     stage1 = functools.partial(
         _stage1, width=width, spectral=spectral, rtol=rtol, variance=variance,
@@ -306,8 +322,9 @@ def pairwise(
     )
     cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
     stage2 = functools.partial(
-        _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons
-    )
+        _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk,
+        ks=ks,
+    )  # fmt: skip
     out = jax.jit(
         jax.shard_map(
             stage2,
@@ -318,6 +335,8 @@ def pairwise(
         )
     )(m, real, diag, valid, norms, s)
     results = {name: np.asarray(value)[:k, :k] for name, value in out.items() if value.ndim == 2}
+    for name in topk:
+        results[f"topk:{name}"] = np.asarray(out[f"topk:{name}"])[:k, :k]
     if neurons:
         results["best"] = np.asarray(out["best"])[:k, :, :k]
         results["matched"] = np.asarray(out["matched"])[:k, :, :k]

@@ -155,6 +155,11 @@ def assert_same_outputs(out, expected_out):
     expected_heads = read_table(expected_out / "attention_heads.csv", keys)
     assert heads[keys].equals(expected_heads[keys])
     assert_tables_close(heads, expected_heads, ("value",), "attention_heads.csv")
+    # Top-k (maxcorr, svcca), also from statistics split over devices.
+    topk_keys = [*KEYS, "k"]
+    topk, expected_topk = (read_table(d / "topk.csv", topk_keys) for d in (out, expected_out))
+    assert len(expected_topk) and topk[topk_keys].equals(expected_topk[topk_keys])
+    np.testing.assert_allclose(topk.value, expected_topk.value, rtol=1e-5, atol=1e-5)
     run = json.loads((out / "run.json").read_text())
     expected_run = json.loads((expected_out / "run.json").read_text())
     assert run["frames"] == expected_run["frames"]

@@ -61,6 +61,17 @@ CODE = """
         rep.append(max(float(np.abs(ref_r[k] - got_r[k]).max()) for k in metrics))
     out["replicates"] = rep
 
+    # Wu et al.'s top-k from the shards (constant neuron and padding excluded from the counts).
+    from sslsim_jax.metrics import TOPK_METRICS, topk_all_from_moments
+    ks = (0.1, 0.5, 1.0)
+    ref_k = topk_all_from_moments(full, metrics=TOPK_METRICS, ks=ks)
+    got_k = sharded.pairwise(m, layout, mesh, names, metrics=(), topk=TOPK_METRICS, ks=ks)
+    out["topk"] = {
+        k: [float(np.nanmax(np.abs(ref_k[k] - got_k["topk:" + k]))),
+            bool((np.isnan(ref_k[k]) == np.isnan(got_k["topk:" + k])).all())]
+        for k in TOPK_METRICS
+    }
+
     # Memory per device of one update: 8 networks of 128 (D = 1024) on 1 and on 4 shards.
     memory = {}
     for shards in (1, 4):
@@ -99,6 +110,12 @@ def test_sharded_metrics_equal_the_full_statistics(result):
 
 def test_sharded_bootstrap_replicates_equal_the_full_ones(result):
     assert max(result["replicates"]) < 2e-5
+
+
+def test_sharded_topk_equals_the_full_statistics(result):
+    assert set(result["topk"]) == {"maxcorr", "linreg", "svcca", "pwcca"}
+    for metric, (diff, same_nan) in result["topk"].items():
+        assert diff < 2e-5 and same_nan, (metric, diff, same_nan)
 
 
 def test_four_shards_need_about_a_quarter_of_the_memory(result):

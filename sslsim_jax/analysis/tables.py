@@ -152,17 +152,16 @@ def topk_rows(state: State, entries: Sequence[ModelEntry], settings: Settings) -
     if not metrics:
         return pd.DataFrame(columns=results.TOPK_COLUMNS)
     names = network_names(entries)
-    if settings.stat_shards > 1:
-        warnings.warn(
-            "topk.csv is not computed from statistics split with stat_shards > 1 yet",
-            stacklevel=2,
-        )
-        return pd.DataFrame(columns=results.TOPK_COLUMNS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported with the similarity table
-        values = topk_all_from_moments(
-            state.moments, metrics=metrics, ks=DEFAULT_KS, variance=settings.svcca_variance
-        )
+        if settings.stat_shards > 1:  # from the shards, as the similarity table
+            split = pairwise_fn(entries, settings)
+            values = split(state.moments, names, metrics=(), topk=metrics, ks=DEFAULT_KS)
+            values = {m: values[f"topk:{m}"] for m in metrics}
+        else:
+            values = topk_all_from_moments(
+                state.moments, metrics=metrics, ks=DEFAULT_KS, variance=settings.svcca_variance
+            )
     networks = [tuple(n.rsplit(":", 1)) for n in names]
     return analyses.topk_table(values, networks, DEFAULT_KS)
 
