@@ -249,6 +249,11 @@ def test_two_processes_merge_statistics_like_one_pass():
                 jnp.full((2, 3), pid + 1.0), jnp.asarray(pid + 1), jnp.asarray(pid))}
             state.moments, state.replicates, state.heads = m, r, heads
             state.frames = int(w[mine].sum())
+            # rbf_cka's subsample: 3 + 2 of 6 rows filled; merged in process order
+            rows = np.arange(48, dtype=np.float32).reshape(6, 8)
+            state.rbf = np.zeros((6, 8), np.float32)
+            state.rbf_filled = 3 if pid == 0 else 2
+            state.rbf[: state.rbf_filled] = rows[:3] if pid == 0 else rows[3:5]
             merged = merge_processes(state, settings)
             if shards > 1:  # still split over this process's devices
                 assert len(merged.moments.comoment.sharding.device_set) == 2
@@ -262,6 +267,9 @@ def test_two_processes_merge_statistics_like_one_pass():
                 merged = dataclasses.replace(back, heads=merged.heads)
             got = distributed.fetch_replicated(merged)
             assert got.frames == int(w.sum())
+            if shards == 1:  # (the checkpoint round trip above keeps no rbf rows)
+                assert got.rbf_filled == 5 and (got.rbf[:5] == rows[:5]).all(), got.rbf
+                assert not got.rbf[5:].any()
             h = got.heads["a", "b", "fro"]
             assert np.all(h.total == 3.0) and int(h.count) == 3 and int(h.skipped) == 1
             cases = [(got.moments, w)] + [

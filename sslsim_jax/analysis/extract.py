@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,8 @@ def rbf_plan(
 
     ``settings.rbf_frames`` frames are drawn without replacement, uniformly over all valid
     frames of the run, from ``seed``; fixed before the first batch, so a resumed run keeps the
-    same frames.
+    same frames. ``lengths``: every utterance of the run in list order, all processes' shares
+    included (`run_lengths`), so each process draws the same frames as one process would.
     """
     frames = [entries[0].model.config.num_frames(n) for n in lengths]
     offsets = np.cumsum([0, *frames])
@@ -176,6 +178,14 @@ def rbf_plan(
         picked[(picked >= lo) & (picked < hi)] - lo
         for lo, hi in zip(offsets[:-1], offsets[1:], strict=True)
     ]
+
+
+def run_lengths(utterances: Sequence[Any], ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(ids, samples) of every utterance of the run, in list order, from every process's
+    share (one small all-gather); this process's own in a one-process run."""
+    mine = [[int(i), int(u.num_samples)] for i, u in zip(ids, utterances, strict=True)]
+    every = sorted(pair for part in distributed.allgather_json(mine) for pair in part)
+    return [i for i, _ in every], [n for _, n in every]
 
 
 def extract(
@@ -225,7 +235,11 @@ def extract(
     lengths = [u.num_samples for u in utterances]
     batches = plan_batches(lengths, settings)
     seconds = [sum(lengths[i] for i in b) / 16000 for b in batches]
-    chosen = rbf_plan(entries, lengths, settings) if state.rbf is not None else None
+    chosen = None
+    if state.rbf is not None:  # this share's frames of the run's subsample
+        every_id, every_length = run_lengths(utterances, ids)
+        drawn = dict(zip(every_id, rbf_plan(entries, every_length, settings), strict=True))
+        chosen = [drawn[i] for i in ids]
     check_forward(entries, lengths, batches, settings, mesh)
     bar = tqdm(
         total=round(sum(seconds), 1),

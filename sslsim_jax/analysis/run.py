@@ -299,11 +299,6 @@ def _analyze_locked(
     entries = prepare_models(models, settings)
     process, processes = jax.process_index(), jax.process_count()
     utterances, ids = load_share(audio_source, entries, settings, shard=(process, processes))
-    if processes > 1 and "rbf_cka" in settings.metrics:
-        raise AnalysisError(
-            "rbf_cka is computed in one process only (its frame subsample is not merged yet)",
-            argument="metrics",
-        )
     if processes > 1 and not sum(distributed.allgather_json(len(utterances))):
         raise AnalysisError(
             "no usable audio in any process: every clip is shorter than the models' receptive "

@@ -365,7 +365,13 @@ def merge_processes(state: State, settings: Settings) -> State:
     local = distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
     world = distributed.make_mesh(settings.devices, stat_shards=settings.stat_shards)
     specs = _merge_specs(state, settings)
-    parts = (state.moments, state.replicates, state.heads, state.attention_maps)
+    rbf, filled = None, 0
+    if state.rbf is not None:  # rbf_cka's frame subsample: each process's rows, one after another
+        counts = distributed.allgather_json(int(state.rbf_filled))
+        start, filled = sum(counts[: jax.process_index()]), sum(counts)
+        rbf = np.zeros_like(state.rbf)
+        rbf[start : start + state.rbf_filled] = state.rbf[: state.rbf_filled]
+    parts = (state.moments, state.replicates, state.heads, state.attention_maps, rbf)
     on_world = jax.tree.map(lambda x, spec: _to_world(x, spec, local, world), parts, specs)
     # One contributor per process: the other "data" rows of a process hold copies of its
     # statistics.
@@ -375,7 +381,7 @@ def merge_processes(state: State, settings: Settings) -> State:
         first.shape, NamedSharding(world, PartitionSpec(distributed.DATA)), lambda i: first[i]
     )
     merged = _merger(world, specs)(first, *on_world)
-    moments, replicates, heads, maps = jax.tree.map(
+    moments, replicates, heads, maps, rbf = jax.tree.map(
         lambda x, spec: _to_local(x, spec, local), merged, specs
     )
     out = State(
@@ -385,12 +391,15 @@ def merge_processes(state: State, settings: Settings) -> State:
         heads=heads,
         frames=sum(distributed.allgather_json(int(state.frames))),
         attention_maps=maps,
+        rbf=None if rbf is None else distributed.fetch_replicated(rbf),
+        rbf_filled=filled,
     )
     return out if settings.stat_shards > 1 else fetch(out)
 
 
 def _merge_specs(state: State, settings: Settings):
-    """PartitionSpecs of (moments, replicates, heads, attention_maps) on the run's mesh."""
+    """PartitionSpecs of (moments, replicates, heads, attention_maps, rbf) on the run's
+    mesh."""
 
     def moments(m, leading=0):
         if m is None:
@@ -405,6 +414,7 @@ def _merge_specs(state: State, settings: Settings):
         moments(state.replicates, 1),
         heads,
         moments(state.attention_maps),
+        None if state.rbf is None else PartitionSpec(),
     )
 
 
@@ -427,7 +437,7 @@ def _to_local(x: jax.Array, spec: PartitionSpec, local: Mesh) -> jax.Array:
 
 
 def _merger(world: Mesh, specs) -> Callable:
-    """The jitted collective merge of (moments, replicates, heads, attention maps)."""
+    """The jitted collective merge of (moments, replicates, heads, attention maps, rbf rows)."""
     data, split = distributed.DATA, distributed.STATS
 
     def moments_psum(m: stats.Moments) -> stats.Moments:
@@ -437,17 +447,18 @@ def _merger(world: Mesh, specs) -> Callable:
             m, data, start=start, reduce=functools.partial(jax.lax.psum, axis_name=split)
         )
 
-    def body(first, moments, replicates, heads, maps):
+    def body(first, moments, replicates, heads, maps, rbf):
         def own(tree):  # [1, ...] -> [...], zero unless this row is its process's first
             keep = first[0]
             return jax.tree.map(lambda a: jnp.where(keep, a[0], jnp.zeros_like(a[0])), tree)
 
-        moments, replicates, heads, maps = own((moments, replicates, heads, maps))
+        moments, replicates, heads, maps, rbf = own((moments, replicates, heads, maps, rbf))
         return (
             moments_psum(moments),
             None if replicates is None else jax.vmap(moments_psum)(replicates),
             jax.tree.map(lambda a: jax.lax.psum(a, data), heads),
             None if maps is None else moments_psum(maps),
+            None if rbf is None else jax.lax.psum(rbf, data),  # rows of one process each
         )
 
     leading = jax.tree.map(lambda spec: PartitionSpec(data, *spec), specs)
