@@ -70,10 +70,12 @@ def tiny():
 
 
 OPTIMIZER = make_optimizer(learning_rate=3e-3, steps=8, warmup_steps=1)
+# Unoptimised XLA code compiles in half the time; these runs are a few steps long.
+FAST = dict(progress=False, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _losses(objective, batch, steps):
-    _, history = fit(objective, [batch] * steps, optimizer=OPTIMIZER, steps=steps, progress=False)
+    _, history = fit(objective, [batch] * steps, optimizer=OPTIMIZER, steps=steps, **FAST)
     return [h["loss"] for h in history]
 
 
@@ -149,7 +151,7 @@ def test_ctc_learns_with_frozen_feature_encoder(tiny):
         "label_lengths": np.array([len(ids) for ids in labels], np.int32),
     }
     objective = ctc(ctc_config)
-    state, history = fit(objective, [batch] * 5, optimizer=OPTIMIZER, steps=5, progress=False)
+    state, history = fit(objective, [batch] * 5, optimizer=OPTIMIZER, steps=5, **FAST)
     assert history[-1]["loss"] < history[0]["loss"]
     start = objective.init(jax.random.split(jax.random.key(0))[0])
     chex.assert_trees_all_equal(
@@ -160,7 +162,7 @@ def test_ctc_learns_with_frozen_feature_encoder(tiny):
 def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
     _, batch, objective = tiny
     data = {k: np.concatenate([v[:2], v[:2]]) for k, v in batch.items()}  # 4 rows: batches of 4
-    run = dict(optimizer=OPTIMIZER, batch_size=4, seed=3, progress=False)
+    run = dict(optimizer=OPTIMIZER, batch_size=4, seed=3, **FAST)
     whole, _ = fit(objective, data, steps=4, **run)
     fit(objective, data, steps=2, checkpoint_dir=tmp_path, checkpoint_every=2, **run)
     resumed, history = fit(objective, data, steps=4, checkpoint_dir=tmp_path, **run)

@@ -52,8 +52,12 @@ def make_optimizer(
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps, steps, learning_rate * end_fraction
     )
-    return optax.chain(
-        optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay)
+    # Flattened: one update of a single vector compiles several times faster on CPU than one
+    # per param leaf, and computes the same thing.
+    return optax.flatten(
+        optax.chain(
+            optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay)
+        )
     )
 
 
@@ -94,11 +98,15 @@ def init_state(
 
 @functools.lru_cache(maxsize=8)
 def make_step(
-    objective: Objective, optimizer: optax.GradientTransformation
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    compiler_options: tuple[tuple[str, Any], ...] = (),
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted training step ``(state, batch) -> (state, metrics)``; the step's PRNG key is
     ``fold_in(state.key, state.step)``. The input state's buffers are donated. Cached: the same
-    (objective, optimizer) gets the same compiled step (a resumed run compiles nothing new).
+    (objective, optimizer, compiler_options) gets the same compiled step (a resumed run
+    compiles nothing new). ``compiler_options``: XLA options as (name, value) pairs, e.g.
+    ``(("xla_backend_optimization_level", 0),)`` halves CPU compile time for short runs.
     """
     optimizer = with_frozen(objective, optimizer)
 
@@ -112,7 +120,7 @@ def make_step(
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=dict(compiler_options) or None)
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], *, batch_size: int, seed: int):
@@ -154,6 +162,7 @@ def fit(
     keep_checkpoints: int = 2,
     progress: bool = True,
     on_step: Callable[[int, dict, TrainState], None] | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Trains ``objective`` for ``steps`` steps and returns the final state and the metrics of
     every step run (floats).
@@ -170,6 +179,7 @@ def fit(
         checkpoint_every: steps between checkpoints (the last step is always saved).
         on_step: called after each step with (step number, metrics, state) — e.g. to save
             intermediate models.
+        compiler_options: XLA compiler options of the step (see `make_step`).
     """
     from tqdm.auto import tqdm
 
@@ -190,7 +200,7 @@ def fit(
         batches = (draw(i) for i in itertools.count(start))
     else:
         batches = itertools.islice(iter(data), start, None)
-    step = make_step(objective, optimizer)
+    step = make_step(objective, optimizer, tuple(sorted((compiler_options or {}).items())))
     history: list[dict] = []
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train")
     for i in range(start, steps):
