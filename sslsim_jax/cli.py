@@ -138,6 +138,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.to_transformers:
+        from sslsim_jax.convert.export import export_directory
+
+        print(f"exported {args.source} -> {export_directory(args.source, args.destination)}")
+        return 0
     from sslsim_jax.checkpoints import convert_directory
 
     print(f"converted {args.source} -> {convert_directory(args.source, args.destination)}")
@@ -214,9 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert",
-        help="convert a transformers checkpoint to sslsim-jax (orbax) format",
+        help="convert a transformers checkpoint to sslsim-jax (orbax) format, or back",
         description="Converts a transformers Wav2Vec2/HuBERT checkpoint directory or hub id "
-        "into config.json plus orbax-checkpoint params.",
+        "into config.json plus orbax-checkpoint params; with --to-transformers, writes a "
+        "converted model back as a transformers directory (config.json, model.safetensors, "
+        "vocab.json of CTC models).",
+    )
+    convert.add_argument(
+        "--to-transformers",
+        action="store_true",
+        help="export SOURCE (a converted directory) as a transformers directory",
     )
     convert.add_argument("source", help="transformers checkpoint directory or hub id")
     convert.add_argument("destination", help="directory to write")

@@ -1,10 +1,16 @@
 """The built-in default: the whole analysis with no downloads.
 
-Three small models built from configs shipped in ``sslsim_jax/data`` with seeded random weights:
-a wav2vec 2.0-style model (group norm, post-LN), a "fine-tuned" CTC variant of it (its weights
-perturbed more in deeper blocks, plus a CTC head, mimicking how fine-tuning changes upper layers
-most), and a HuBERT-style model (layer norm, pre-LN). They run over the speech clips shipped in
-``sslsim_jax/data/speech`` (see SOURCE.md there) through ``sslsim_jax.analysis.analyze``.
+The demo compares the small models trained by ``scripts/train_demo_models.py`` and shipped as
+converted checkpoints in ``sslsim_jax/data/models/<name>/`` (`model_paths`): pre-trained
+models (HuBERT-style masked prediction; wav2vec 2.0-style contrastive where shipped), their CTC
+fine-tuned counterparts, and a randomly initialised model of the same shape as a baseline.
+They run over the speech clips shipped in ``sslsim_jax/data/speech`` (see SOURCE.md there)
+through ``sslsim_jax.analysis.analyze``.
+
+`demo_model` and `finetuned_variant` build seeded random models from the configs shipped in
+``sslsim_jax/data`` (a wav2vec 2.0-style model: group norm, post-LN; a HuBERT-style model:
+layer norm, pre-LN); the tests use them, and the demo falls back to them when no trained
+model is shipped.
 """
 
 from __future__ import annotations
@@ -62,13 +68,40 @@ def finetuned_variant(base: SpeechModel, *, seed: int = 0, vocab_size: int = 32)
     return SpeechModel(config, params, path=f"<built-in fine-tuned variant of {base.path}>")
 
 
+def model_paths() -> dict[str, str]:
+    """``{name: directory}`` of the trained demo models shipped in ``sslsim_jax/data/models``,
+    each loadable by ``sslsim_jax.load_model``; sorted by name."""
+    from sslsim_jax.checkpoints import is_converted_dir
+
+    root = resources.files("sslsim_jax").joinpath("data", "models")
+    if not root.is_dir():
+        return {}
+    return {
+        entry.name: str(entry)
+        for entry in sorted(root.iterdir(), key=lambda e: e.name)
+        if entry.is_dir() and is_converted_dir(str(entry))
+    }
+
+
 def demo_models(seed: int = 0) -> list[tuple[str, SpeechModel]]:
-    base = demo_model("tiny_wav2vec2", seed=seed)
-    return [
-        ("tiny-wav2vec2", base),
-        ("tiny-wav2vec2-ft", finetuned_variant(base, seed=seed)),
-        ("tiny-hubert", demo_model("tiny_hubert", seed=seed + 1)),
-    ]
+    """The demo's models: the shipped trained models and a random model of the same shape as
+    the first of them (``<name>-random``, seeded); without shipped models, seeded random ones.
+    """
+    from sslsim_jax.intermediates import load_model
+
+    paths = model_paths()
+    if not paths:
+        base = demo_model("tiny_wav2vec2", seed=seed)
+        return [
+            ("tiny-wav2vec2", base),
+            ("tiny-wav2vec2-ft", finetuned_variant(base, seed=seed)),
+            ("tiny-hubert", demo_model("tiny_hubert", seed=seed + 1)),
+        ]
+    models = [(name, load_model(path)) for name, path in paths.items()]
+    pretrained = next((m for name, m in models if not m.config.ctc_head), models[0][1])
+    config = dataclasses.replace(pretrained.config, ctc_head=False, vocab_size=None)
+    random = SpeechModel(config, _init(config, seed), path=f"<random init, seed {seed}>")
+    return [*models, ("random-init", random)]
 
 
 def run(

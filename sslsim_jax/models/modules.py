@@ -378,6 +378,9 @@ class SpeechEncoder(ConfiguredModule):
         lengths: jax.Array | None = None,
         *,
         output_attentions: bool = False,
+        time_mask: jax.Array | None = None,
+        mask_embedding: jax.Array | None = None,
+        freeze_feature_encoder: bool = False,
     ) -> dict[str, jax.Array | None]:
         """Runs the model.
 
@@ -385,10 +388,15 @@ class SpeechEncoder(ConfiguredModule):
             waveforms: [B, S] model input values (transformers' ``input_values``).
             lengths: [B] valid samples per utterance; None means all S are valid.
             output_attentions: also sow attention probabilities.
+            time_mask: [B, T] bool, frames replaced by ``mask_embedding`` [D] after the feature
+                projection (pre-training, ``sslsim_jax.train``); None replaces nothing.
+            mask_embedding: [D], required with ``time_mask``; it is not a param of this module.
+            freeze_feature_encoder: stop gradients at the conv feature encoder's output.
 
         Returns:
             dict with ``final_hidden_state`` [B, T, D], ``frame_mask`` [B, T] bool,
-            ``frame_lengths`` [B] and ``logits`` [B, T, V] (None without a CTC head).
+            ``frame_lengths`` [B], ``logits`` [B, T, V] (None without a CTC head) and
+            ``features`` [B, T, C] (the feature projection's input).
         """
         cfg = self.config
         kw = self.settings
@@ -401,12 +409,16 @@ class SpeechEncoder(ConfiguredModule):
         features, frame_lengths = FeatureEncoder(cfg, name="feature_extractor", **kw)(
             waveforms, lengths
         )
+        if freeze_feature_encoder:
+            features = jax.lax.stop_gradient(features)
         frame_mask = jnp.arange(features.shape[1])[None, :] < frame_lengths[:, None]  # [B, T]
         if cfg.feat_proj_layer_norm:
             features = LayerNorm32(
                 cfg.layer_norm_eps, self.param_dtype, name="feature_projection_layer_norm"
             )(features)
         x = nn.Dense(cfg.hidden_size, name="feature_projection", **kw)(features)
+        if time_mask is not None:
+            x = jnp.where(time_mask[..., None], mask_embedding.astype(x.dtype), x)
         encoder = Encoder(cfg, name="encoder", attention_block=self.attention_block, **kw)
         final = encoder(x, frame_mask, output_attentions)
         logits = None
@@ -417,4 +429,5 @@ class SpeechEncoder(ConfiguredModule):
             "frame_mask": frame_mask,
             "frame_lengths": frame_lengths,
             "logits": logits,
+            "features": features,
         }
