@@ -45,6 +45,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -174,15 +175,8 @@ def moments(
     z = z.astype(dtype)
     w = _weights(where, z.shape[0], dtype)
     n, mean, zc, zw = centre(z, w)
-    offsets = np.cumsum((0,) + sizes)
     d = z.shape[1]
-    comoment = jnp.zeros((d, d), dtype)
-    for a in range(len(sizes)):
-        lo, hi = int(offsets[a]), int(offsets[a + 1])
-        # [N, D_a]^T [N, D - lo] -> [D_a, D - lo]: block row a from its diagonal block on.
-        row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=matmul_precision())
-        comoment = comoment.at[lo:hi, lo:].set(row)
-        comoment = comoment.at[hi:, lo:hi].set(row[:, hi - lo :].T)
+    comoment = _add_upper_gram(jnp.zeros((d, d), dtype), zw, zc, sizes)
     r = row_norms(zc, sizes)  # [N, K]
     row_cross = jnp.einsum("nd,nk->dk", zw, r, precision=matmul_precision())
     row_gram = jnp.einsum("n,nk,nl->kl", w, r, r, precision=matmul_precision())
@@ -245,27 +239,51 @@ def joint_moments(networks: Sequence[jax.Array], *, where: jax.Array | None = No
     return moments(z, where=where, sizes=[x.shape[1] for x in arrays])
 
 
-def _shift(m: Moments, delta: jax.Array, start=0, reduce=_identity) -> Moments:
-    """Re-centre the accumulators of m on mean + delta (exact identities, no new data).
+def _block_matvec(mat: jax.Array, v: jax.Array, sizes: Sequence[int]) -> jax.Array:
+    """[R, K] whose column k is ``mat[:, block_k] @ v[block_k]``: the product of mat [R, D] with
+    the block-diagonal [D, K] matrix holding v's network blocks, in R·D flops instead of R·D·K.
 
-    ``m.comoment`` [R, D] and ``m.row_cross`` [R, K] may be the rows ``start:start + R`` only
-    (sharded statistics); ``reduce`` then sums the row sums over the other row blocks.
+    Runs of networks of equal width are reshaped to [R, count, width] and contracted at once.
+    """
+    out, start = [], 0
+    for width, run in itertools.groupby(sizes):
+        count = len(list(run))
+        stop = start + count * width
+        # A fused multiply-reduce, one read of mat (a batched dot would transpose it first).
+        # Summed over a leading axis into `lanes` partial sums: XLA's CPU code vectorizes a
+        # reduction across the minor axis, not along it (float adds are not reassociated).
+        lanes = 8 if width % 8 == 0 else 1
+        block = mat[:, start:stop].reshape(mat.shape[0], count, width // lanes, lanes)
+        part = jnp.sum(block * v[start:stop].reshape(1, count, width // lanes, lanes), axis=2)
+        out.append(jnp.sum(part, axis=-1))
+        start = stop
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+
+
+def _shifted_rows(
+    m: Moments, delta: jax.Array, diag: jax.Array, c_delta: jax.Array, start=0, reduce=_identity
+) -> tuple[jax.Array, jax.Array]:
+    """``row_cross`` and ``row_gram`` of m re-centred on mean + delta (exact identities).
+
+    Args:
+        m: the statistics (its ``comoment`` is not read); ``m.row_cross`` may be the rows
+            ``start:start + R`` only.
+        delta: [D] the shift of the mean.
+        diag: [R] the co-moment's diagonal on m's rows (Σ w (z − μ)² per column).
+        c_delta: [R, K] `_block_matvec` of the co-moment's rows with delta.
+        start, reduce: for row blocks (``reduce`` sums over the other row blocks).
     """
     prec = matmul_precision()
-    k, (rows, d) = len(m.sizes), m.comoment.shape
+    k, rows = len(m.sizes), m.row_cross.shape[0]
     onehot = jax.nn.one_hot(jnp.asarray(segment_ids(m.sizes)), k, dtype=delta.dtype)  # [D, K]
-    if rows == d:
-        diag, onehot_r, delta_r = jnp.diagonal(m.comoment), onehot, delta
+    if rows == delta.shape[0]:
+        onehot_r, delta_r = onehot, delta
     else:
-        idx = jnp.arange(rows)
-        diag = m.comoment[idx, start + idx]
         onehot_r = jax.lax.dynamic_slice_in_dim(onehot, start, rows)
         delta_r = jax.lax.dynamic_slice_in_dim(delta, start, rows)
-    big_delta = delta[:, None] * onehot  # [D, K]: delta_k in network k's rows of column k
-    big_delta_r = delta_r[:, None] * onehot_r  # [R, K]
+    big_delta_r = delta_r[:, None] * onehot_r  # [R, K]: delta_k in network k's rows of column k
     q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=prec)  # [K] ‖δ_k‖²
     s = reduce(jnp.matmul(diag, onehot_r, precision=prec))  # [K] Σ w r_k
-    c_delta = jnp.matmul(m.comoment, big_delta, precision=prec)  # [R, K]
     dp = reduce(jnp.matmul(big_delta_r.T, m.row_cross, precision=prec))  # [K, K]
     n = m.count
     row_gram = (
@@ -277,7 +295,25 @@ def _shift(m: Moments, delta: jax.Array, start=0, reduce=_identity) -> Moments:
         + n * jnp.outer(q, q)
     )
     row_cross = m.row_cross - 2 * c_delta - jnp.outer(delta_r, s) - n * jnp.outer(delta_r, q)
-    comoment = m.comoment + n * jnp.outer(delta_r, delta)
+    return row_cross, row_gram
+
+
+def _shift(m: Moments, delta: jax.Array, start=0, reduce=_identity) -> Moments:
+    """Re-centre the accumulators of m on mean + delta (exact identities, no new data).
+
+    ``m.comoment`` [R, D] and ``m.row_cross`` [R, K] may be the rows ``start:start + R`` only
+    (sharded statistics); ``reduce`` then sums the row sums over the other row blocks.
+    """
+    rows, d = m.comoment.shape
+    if rows == d:
+        diag, delta_r = jnp.diagonal(m.comoment), delta
+    else:
+        idx = jnp.arange(rows)
+        diag = m.comoment[idx, start + idx]
+        delta_r = jax.lax.dynamic_slice_in_dim(delta, start, rows)
+    c_delta = _block_matvec(m.comoment, delta, m.sizes)  # [R, K]
+    row_cross, row_gram = _shifted_rows(m, delta, diag, c_delta, start, reduce)
+    comoment = m.comoment + m.count * jnp.outer(delta_r, delta)
     return m.replace(mean=m.mean + delta, comoment=comoment, row_cross=row_cross, row_gram=row_gram)
 
 
@@ -306,8 +342,72 @@ def merge(a: Moments, b: Moments, *, start=0, reduce=_identity) -> Moments:
 
 
 def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Moments:
-    """Add one batch z: [N, D] (networks side by side as in m) with optional mask/weights."""
-    return merge(m, moments(z, where=where, sizes=m.sizes))
+    """Add one batch z: [N, D] (networks side by side as in m) with optional mask/weights.
+
+    Equals ``merge(m, moments(z, where=where, sizes=m.sizes))`` — the same centring and the
+    same identities — without forming the batch's [D, D] co-moment: the batch's Gram of the
+    upper blocks and both sides' rank-one shifts (as two more frames) are added to m's
+    co-moment block by block, one pass over it that XLA does in place when m is donated, and
+    the row-norm accumulators shift with block products (D·D flops, not D·D·K).
+    """
+    d = m.mean.shape[-1]
+    z = jnp.asarray(z)
+    if z.ndim != 2 or z.shape[1] != d:
+        raise ValueError(f"expected z of shape [N, D={d}], got {z.shape}")
+    prec = matmul_precision()
+    sizes = m.sizes
+    dtype = jnp.promote_types(m.comoment.dtype, _accum_dtype(z.dtype))
+    z = z.astype(dtype)
+    w = _weights(where, z.shape[0], dtype)
+    n_b, mean_b, zc, zw = centre(z, w)  # the batch about its own mean
+    n = m.count + n_b
+    mean = m.mean + (n_b / jnp.where(n > 0, n, 1)) * (mean_b - m.mean)
+    delta_a, delta_b = mean - m.mean, mean - mean_b
+    # m's row-norm accumulators, re-centred on the merged mean.
+    c_a = _block_matvec(m.comoment, delta_a, sizes)  # [D, K]
+    row_cross_a, row_gram_a = _shifted_rows(m, delta_a, jnp.diagonal(m.comoment), c_a)
+    # The batch's, about its own mean, then re-centred: its co-moment's block products with
+    # delta_b are zwᵀ (zc's per-network products with delta_b), never the co-moment itself.
+    r = row_norms(zc, sizes)  # [N, K]
+    batch = Moments(
+        count=n_b,
+        mean=mean_b,
+        comoment=jnp.zeros((0, 0), dtype),
+        row_cross=jnp.einsum("nd,nk->dk", zw, r, precision=prec),
+        row_gram=jnp.einsum("n,nk,nl->kl", w, r, r, precision=prec),
+        sizes=sizes,
+    )
+    c_b = jnp.einsum("nd,nk->dk", zw, _block_matvec(zc, delta_b, sizes), precision=prec)
+    diag_b = jnp.einsum("n,nd->d", w, zc * zc, precision=prec)
+    row_cross_b, row_gram_b = _shifted_rows(batch, delta_b, diag_b, c_b)
+    # Co-moment: m's + n_a·δ_aδ_aᵀ + Σ w zc zcᵀ + n_b·δ_bδ_bᵀ; the shifts are two more frames.
+    shifts = jnp.stack([jnp.sqrt(m.count) * delta_a, jnp.sqrt(n_b) * delta_b])  # [2, D]
+    comoment = _add_upper_gram(
+        m.comoment, jnp.concatenate([zw, shifts]), jnp.concatenate([zc, shifts]), sizes
+    )
+    return Moments(
+        count=n,
+        mean=mean,
+        comoment=comoment,
+        row_cross=row_cross_a + row_cross_b,
+        row_gram=row_gram_a + row_gram_b,
+        sizes=sizes,
+    )
+
+
+def _add_upper_gram(c: jax.Array, zw: jax.Array, zc: jax.Array, sizes: Sequence[int]) -> jax.Array:
+    """c + zwᵀ zc for symmetric results: one matmul per network against the networks after it
+    (the upper blocks), each added to its block and mirrored into the lower one."""
+    offsets = np.cumsum((0,) + tuple(sizes))
+    d = c.shape[0]
+    for a in range(len(sizes)):
+        lo, hi = int(offsets[a]), int(offsets[a + 1])
+        # [N, D_a]^T [N, D - lo] -> [D_a, D - lo]: block row a from its diagonal block on.
+        row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=matmul_precision())
+        c = jax.lax.dynamic_update_slice(c, c[lo:hi, lo:] + row, (lo, lo))
+        if hi < d:
+            c = jax.lax.dynamic_update_slice(c, c[hi:, lo:hi] + row[:, hi - lo :].T, (hi, lo))
+    return c
 
 
 # Temporaries one chunk of `update_replicates` may take by default.

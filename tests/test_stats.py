@@ -266,3 +266,29 @@ def test_update_replicates_input_errors():
         stats.update_replicates(m, z, jnp.ones((2, 5)))
     with pytest.raises(ValueError, match="chunk"):
         stats.update_replicates(m, z, jnp.ones((3, 5)), chunk=0)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.sampled_from([1, 3, 8, 16]), min_size=1, max_size=5),
+    shift=st.sampled_from([0.0, 50.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_update_equals_merge_of_the_batch_moments(sizes, shift, seed):
+    # `update` adds the batch's Gram and both rank-one shifts to the co-moment in place and
+    # shifts the row-norm accumulators with block products (runs of equal widths together,
+    # 8 lanes when the width allows); `merge` forms the batch's statistics first. Same
+    # identities: float64 agreement to rounding, and with the float64 reference.
+    sizes = tuple(sizes)
+    rng = np.random.default_rng(seed)
+    d = sum(sizes)
+    z1 = rng.normal(size=(9, d)) * rng.uniform(0.5, 2, d) + shift
+    z2 = rng.normal(size=(7, d)) * rng.uniform(0.5, 2, d) + 2 * shift
+    w2 = (rng.random(7) > 0.3).astype(np.float64)
+    with jax.enable_x64(True):
+        m = stats.moments(z1, sizes=sizes)
+        got = stats.update(m, z2, where=w2)
+        want = stats.merge(m, stats.moments(z2, where=w2, sizes=sizes))
+        chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-8)
+        z, w = np.concatenate([z1, z2]), np.r_[np.ones(9), w2]
+        assert_matches(got, reference(z, w, sizes), 1e-10)

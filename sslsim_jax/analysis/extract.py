@@ -66,9 +66,12 @@ def _update_replicates(m: stats.Moments, z: jax.Array, weights: jax.Array) -> st
 @functools.cache
 def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
     """The jitted statistics updates for ``mesh``: frames z [B*T, ΣD] arrive split over
-    ``"data"`` and the statistics leave replicated, so XLA reduces across devices."""
+    ``"data"`` and the statistics leave replicated, so XLA reduces across devices. The
+    statistics are donated: the co-moment is updated in its own buffer, not copied."""
     out = distributed.replicated(mesh)
-    return jax.jit(_update, out_shardings=out), jax.jit(_update_replicates, out_shardings=out)
+    return tuple(
+        jax.jit(f, out_shardings=out, donate_argnums=0) for f in (_update, _update_replicates)
+    )
 
 
 @functools.cache
@@ -231,6 +234,10 @@ def extract(
     state = state_lib.init_state(sizes, settings, entries, mesh, attention_pairs)
     if state_path:
         state = state_lib.load_checkpoint(state_path, state)
+    if settings.stat_shards == 1:  # where the donating updates leave them
+        state.moments, state.replicates = jax.device_put(
+            (state.moments, state.replicates), replicated
+        )
     start = state.done
     lengths = [u.num_samples for u in utterances]
     batches = plan_batches(lengths, settings)
