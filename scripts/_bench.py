@@ -29,13 +29,20 @@ def machine() -> str:
     return f"{cpu_model()}, nproc={os.cpu_count()}, jax {jax.__version__}, {backend}"
 
 
-def timed(fn: Callable[[], object], repeats: int, *, warmup: bool = True) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` (after one untimed warm-up call)."""
+def timed(
+    fn: Callable[[], object],
+    repeats: int,
+    *,
+    warmup: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median time of ``repeats`` calls of ``fn`` (after one untimed warm-up call): wall time,
+    or process CPU time with ``clock=time.process_time``."""
     if warmup:
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)

@@ -33,13 +33,9 @@ import numpy as np  # noqa: E402
 
 def cpu_time(fn, reps: int) -> float:
     """Median process CPU seconds of ``reps`` calls after one warm-up call."""
-    fn()
-    runs = []
-    for _ in range(reps):
-        start = time.process_time()
-        fn()
-        runs.append(time.process_time() - start)
-    return sorted(runs)[reps // 2]
+    from _bench import timed
+
+    return timed(fn, reps, clock=time.process_time)
 
 
 def forward_flops(config, samples: int) -> tuple[float, int]:
