@@ -170,3 +170,18 @@ def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
     chex.assert_trees_all_close(resumed.params, whole.params, atol=1e-6, rtol=0)
     flat = flax.traverse_util.flatten_dict(resumed.params)
     assert all(np.isfinite(np.asarray(v)).all() for v in flat.values())
+
+
+def test_contrastive_distractors_are_other_masked_frames():
+    from sslsim_jax.train.objectives import masked_distractors
+
+    mask = np.zeros((2, 30), bool)
+    mask[0, [3, 4, 5, 20, 21]] = True
+    mask[1, 10:20] = True
+    other = np.asarray(masked_distractors(jax.random.key(0), jnp.asarray(mask), 50))
+    for b in range(2):
+        for t in np.flatnonzero(mask[b]):
+            assert mask[b, other[b, t]].all() and (other[b, t] != t).all()
+        # Every other masked frame gets drawn.
+        t = np.flatnonzero(mask[b])[0]
+        assert set(other[b, t]) == set(np.flatnonzero(mask[b])) - {t}
