@@ -27,7 +27,7 @@ import soundfile
 
 from sslsim_jax import audio as audio_io
 from sslsim_jax import train
-from sslsim_jax.checkpoints import save_converted
+from sslsim_jax.checkpoints import load_converted, save_converted
 from sslsim_jax.demo import demo_config
 from sslsim_jax.models import ModelConfig
 from sslsim_jax.models.modules import SpeechEncoder
@@ -132,6 +132,17 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-seconds", type=float, default=2.0, help="pre-training crops")
     parser.add_argument("--ctc-max-seconds", type=float, default=4.5)
     parser.add_argument("--models", default="tiny-hubert,tiny-wav2vec2")
+    parser.add_argument(
+        "--pretrained",
+        help="directory of converted pre-trained models (e.g. sslsim_jax/data/models): "
+        "skip pre-training and CTC fine-tune <dir>/<name> instead",
+    )
+    parser.add_argument(
+        "--trajectory",
+        help="also save the CTC model every --trajectory-every steps as converted "
+        "checkpoints <dir>/<name>-ctc/step-<n> (loadable by load_model), step 0 included",
+    )
+    parser.add_argument("--trajectory-every", type=int, default=100)
     args = parser.parse_args(argv)
     vocab = train.build_vocab()
     data = read_split(args.data, "train", vocab)
@@ -150,7 +161,10 @@ def main(argv=None) -> int:
         config = demo_config(config_name)
         started = time.time()
         key = jax.random.key(args.seed)
-        if name == "tiny-hubert":
+        if args.pretrained:
+            _, encoder = load_converted(os.path.join(args.pretrained, name))
+            summary: dict = {"pretrained": os.path.join(args.pretrained, name)}
+        elif name == "tiny-hubert":
             clusters = train.fit_mfcc_clusters(
                 key,
                 config,
@@ -175,45 +189,24 @@ def main(argv=None) -> int:
             counts = np.bincount(targets.ravel(), minlength=args.clusters)
             chance = float(counts.max() / counts.sum())
         else:
-            objective = train.contrastive(config, span=5, mask_prob=0.08)
+            # The paper's masking (p = 0.065 span starts of 10 frames, about half the frames).
+            objective = train.contrastive(config, span=10, mask_prob=0.065)
             arrays = pretrain
             chance = None
-        optimizer = train.make_optimizer(
-            learning_rate=args.lr, steps=args.pretrain_steps, warmup_steps=args.pretrain_steps // 10
-        )
-        state, history = train.fit(
-            objective,
-            arrays,
-            optimizer=optimizer,
-            steps=args.pretrain_steps,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-        pre_seconds = time.time() - started
-        encoder = jax.tree.map(np.asarray, state.params["encoder"])
-        tail = history[-20:]
-        summary = {
-            "pretrain_seconds": round(pre_seconds, 1),
-            "pretrain_loss_first": history[0]["loss"],
-            "pretrain_loss_last20": float(np.mean([h["loss"] for h in tail])),
-            "pretrain_accuracy_last20": float(np.mean([h["accuracy"] for h in tail])),
-            "chance_accuracy": chance,
-        }
-        save(
-            args.out,
-            name,
-            hf_config(config_name),
-            encoder,
-            None,
-            seed=args.seed,
-            objective="masked prediction" if name == "tiny-hubert" else "contrastive",
-        )
+        if not args.pretrained:
+            summary, encoder = pretrain_model(args, name, config_name, objective, arrays, chance)
         # CTC fine-tuning: conv feature encoder frozen, transformer and new lm_head trained.
         ctc_config = ModelConfig.from_hf_config(hf_config(config_name, len(vocab)))
         objective = train.ctc(ctc_config, encoder=encoder)
         optimizer = train.make_optimizer(
             learning_rate=args.ctc_lr, steps=args.ctc_steps, warmup_steps=args.ctc_steps // 10
         )
+        on_step = None
+        if args.trajectory:
+            on_step = trajectory_saver(
+                args, os.path.join(args.trajectory, f"{name}-ctc"), config_name, vocab
+            )
+            on_step(0, {}, train.init_state(objective, optimizer, seed=args.seed + 1))
         started = time.time()
         state, history = train.fit(
             objective,
@@ -222,13 +215,16 @@ def main(argv=None) -> int:
             steps=args.ctc_steps,
             seed=args.seed + 1,
             batch_size=args.batch_size,
+            on_step=on_step,
         )
         params = jax.tree.map(np.asarray, state.params["encoder"])
         cer, hyps = evaluate_cer(ctc_config, params, test, vocab)
         summary.update(
+            ctc_steps=args.ctc_steps,
             ctc_seconds=round(time.time() - started, 1),
             ctc_loss_first=history[0]["loss"],
             ctc_loss_last20=float(np.mean([h["loss"] for h in history[-20:]])),
+            ctc_loss_every_100=[h["loss"] for h in history[99::100]],
             test_cer=cer,
             test_examples=[[r, h] for r, h in zip(test["texts"][:5], hyps[:5], strict=True)],
         )
@@ -247,6 +243,62 @@ def main(argv=None) -> int:
         with open(metrics_path, "w") as f:
             json.dump(metrics, f, indent=1)
     return 0
+
+
+def trajectory_saver(args, directory: str, config_name: str, vocab: dict):
+    """``on_step`` for `train.fit`: saves the CTC model every ``--trajectory-every`` steps."""
+
+    def on_step(step: int, metrics: dict, state) -> None:
+        if step % args.trajectory_every == 0 or step == args.ctc_steps:
+            save(
+                directory,
+                f"step-{step}",
+                hf_config(config_name, len(vocab)),
+                jax.tree.map(np.asarray, state.params["encoder"]),
+                vocab,
+                seed=args.seed,
+                objective="ctc",
+                step=step,
+                loss=metrics.get("loss"),
+            )
+
+    return on_step
+
+
+def pretrain_model(args, name, config_name, objective, arrays, chance):
+    """Pre-trains with ``objective``, saves the model, returns (summary, encoder params)."""
+    started = time.time()
+    optimizer = train.make_optimizer(
+        learning_rate=args.lr, steps=args.pretrain_steps, warmup_steps=args.pretrain_steps // 10
+    )
+    state, history = train.fit(
+        objective,
+        arrays,
+        optimizer=optimizer,
+        steps=args.pretrain_steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    pre_seconds = time.time() - started
+    encoder = jax.tree.map(np.asarray, state.params["encoder"])
+    tail = history[-20:]
+    summary = {
+        "pretrain_seconds": round(pre_seconds, 1),
+        "pretrain_loss_first": history[0]["loss"],
+        "pretrain_loss_last20": float(np.mean([h["loss"] for h in tail])),
+        "pretrain_accuracy_last20": float(np.mean([h["accuracy"] for h in tail])),
+        "chance_accuracy": chance,
+    }
+    save(
+        args.out,
+        name,
+        hf_config(config_name),
+        encoder,
+        None,
+        seed=args.seed,
+        objective="masked prediction" if name == "tiny-hubert" else "contrastive",
+    )
+    return summary, encoder
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ def demo_config(name: str) -> ModelConfig:
 
 
 def _init(config: ModelConfig, seed: int):
+    # Jitted: one compilation instead of one per op of eager flax init (measured for the
+    # demo's random-init model: 4.5 s instead of 13.4 s on 2 shared cores; same values).
     dummy = jnp.zeros((1, config.receptive_field), jnp.float32)
-    return SpeechEncoder(config).init(jax.random.key(seed), dummy)["params"]
+    return jax.jit(SpeechEncoder(config).init)(jax.random.key(seed), dummy)["params"]
 
 
 def demo_model(name: str, *, seed: int = 0) -> SpeechModel:

@@ -159,7 +159,11 @@ def test_readme_demo_command_in_a_fresh_clone_and_venv(tmp_path):
     out = tmp_path / "demo-report"
     assert (out / "report.html").is_file()
     table = pd.read_csv(out / "similarities.csv")
-    assert {"tiny-wav2vec2", "tiny-wav2vec2-ft", "tiny-hubert"} == set(table.model_a)
+    # The shipped trained models (package data of the clone) and the random-init baseline.
+    from sslsim_jax.demo import model_paths
+
+    assert {*model_paths(), "random-init"} == set(table.model_a)
+    assert {"tiny-hubert", "tiny-hubert-ctc"} <= set(model_paths())
     assert (out / "figures").is_dir() and any((out / "figures").glob("finetune_*.png"))
     # The package came from the clone, not from this working tree.
     where = subprocess.run(

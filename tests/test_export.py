@@ -4,6 +4,7 @@ pass matches ours within the parity tolerances of tests/test_models.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -15,18 +16,10 @@ from sslsim_jax.intermediates import SpeechModel
 from sslsim_jax.models import ModelConfig
 from sslsim_jax.train.objectives import init_encoder
 from tests import hf_models
+from tests.conftest import random_params
 from tests.hf_models import GROUP_POST_LN, LAYER_PRE_LN, TINY
 
 torch = pytest.importorskip("torch")
-
-
-def _perturbed(params, seed):
-    """Flax's initial norms are exactly 1 and biases 0; move every param so a wrong or missing
-    name changes the output."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(tree, noisy)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +34,11 @@ def test_exported_directory_matches_in_pytorch(tmp_path, model_type, layout, ctc
         config_dict.update(architectures=["Wav2Vec2ForCTC"], vocab_size=11)
     (tmp_path / "config.json").write_text(json.dumps(config_dict))
     config = ModelConfig.from_hf_config(config_dict)
-    params = _perturbed(init_encoder(config, jax.random.key(0)), 1)
+    # Random values of every param (norms and biases too, so a wrong or missing name changes
+    # the output), drawn with NumPy: flax's eager init would compile every op.
+    params = random_params(
+        jax.eval_shape(functools.partial(init_encoder, config), jax.random.key(0))
+    )
     src = save_converted(tmp_path / "config.json", params, tmp_path / "converted", ctc_head=ctc)
     if ctc:
         (tmp_path / "converted" / "vocab.json").write_text(json.dumps({"<pad>": 0, "a": 1}))

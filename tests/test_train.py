@@ -27,11 +27,13 @@ from sslsim_jax.train import (
     fit_mfcc_clusters,
     kmeans,
     make_optimizer,
+    make_step,
     masked_prediction,
     mfcc_targets,
     span_mask,
 )
 from sslsim_jax.train.text import greedy_decode
+from tests.conftest import random_params
 
 TINY = dict(
     model_type="hubert",
@@ -52,8 +54,8 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def tiny():
-    """Config, a fixed batch (4 clips of up to 0.6 s; one padded) with MFCC cluster ids, and
-    one masked-prediction objective and optimiser shared by the tests (one compiled step)."""
+    """Config, a fixed batch (4 clips of up to 0.6 s; one padded) with MFCC cluster ids, one
+    masked-prediction objective shared by the tests (one compiled step) and its initial params."""
     config = ModelConfig.from_hf_config(TINY)
     rng = np.random.default_rng(0)
     t = np.arange(9600) / 16000
@@ -66,7 +68,7 @@ def tiny():
     objective = masked_prediction(config, num_clusters=8, projection_dim=16, mask_prob=0.2, span=2)
     # The loss is traced once for the step's one compilation, however many runs use it.
     objective = dataclasses.replace(objective, loss=chex.assert_max_traces(objective.loss, n=1))
-    return config, batch, objective
+    return config, batch, objective, _init(objective)
 
 
 OPTIMIZER = make_optimizer(learning_rate=3e-3, steps=8, warmup_steps=1)
@@ -74,8 +76,16 @@ OPTIMIZER = make_optimizer(learning_rate=3e-3, steps=8, warmup_steps=1)
 FAST = dict(progress=False, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def _losses(objective, batch, steps):
-    _, history = fit(objective, [batch] * steps, optimizer=OPTIMIZER, steps=steps, **FAST)
+def _init(objective):
+    """Initial params of ``objective`` with the tree and shapes of ``objective.init`` (traced,
+    not run), drawn with NumPy (no compilation; NumPy, so no run donates them)."""
+    return random_params(jax.eval_shape(objective.init, jax.random.key(0)))
+
+
+def _losses(objective, batch, steps, params=None):
+    _, history = fit(
+        objective, [batch] * steps, optimizer=OPTIMIZER, steps=steps, params=params, **FAST
+    )
     return [h["loss"] for h in history]
 
 
@@ -112,16 +122,16 @@ def test_text_vocab_decode_and_cer():
 
 
 def test_masked_prediction_learns_and_compiles_once(tiny):
-    config, batch, objective = tiny
-    losses = _losses(objective, batch, 5)
+    config, batch, objective, params = tiny
+    losses = _losses(objective, batch, 5, params)
     assert losses[-1] < losses[0]
-    encoder = objective.init(jax.random.key(0))["encoder"]
-    expected = SpeechEncoder(config).init(jax.random.key(0), jnp.zeros((1, 400)))["params"]
-    assert jax.tree.structure(encoder) == jax.tree.structure(expected)
+    # The encoder subtree is exactly SpeechEncoder's params (shapes only: no second init).
+    expected = jax.eval_shape(SpeechEncoder(config).init, jax.random.key(0), jnp.zeros((1, 400)))
+    chex.assert_trees_all_equal_shapes(params["encoder"], expected["params"])
 
 
 def test_contrastive_learns(tiny):
-    config, batch, _ = tiny
+    config, batch, _, _ = tiny
     objective = contrastive(
         config,
         groups=2,
@@ -132,12 +142,12 @@ def test_contrastive_learns(tiny):
         mask_prob=0.2,
         span=2,
     )
-    losses = _losses(objective, batch, 5)
+    losses = _losses(objective, batch, 5, _init(objective))
     assert losses[-1] < losses[0]
 
 
 def test_ctc_learns_with_frozen_feature_encoder(tiny):
-    config, batch, _ = tiny
+    config, batch, _, _ = tiny
     vocab = build_vocab()
     ctc_config = ModelConfig.from_hf_config(
         {**TINY, "architectures": ["HubertForCTC"], "vocab_size": len(vocab)}
@@ -151,22 +161,41 @@ def test_ctc_learns_with_frozen_feature_encoder(tiny):
         "label_lengths": np.array([len(ids) for ids in labels], np.int32),
     }
     objective = ctc(ctc_config)
-    state, history = fit(objective, [batch] * 5, optimizer=OPTIMIZER, steps=5, **FAST)
+    start = _init(objective)
+    state, history = fit(objective, [batch] * 5, optimizer=OPTIMIZER, steps=5, params=start, **FAST)
     assert history[-1]["loss"] < history[0]["loss"]
-    start = objective.init(jax.random.split(jax.random.key(0))[0])
     chex.assert_trees_all_equal(
         state.params["encoder"]["feature_extractor"], start["encoder"]["feature_extractor"]
     )
 
 
 def test_resume_reproduces_uninterrupted_run(tiny, tmp_path):
-    _, batch, objective = tiny
+    _, batch, objective, params = tiny
     data = {k: np.concatenate([v[:2], v[:2]]) for k, v in batch.items()}  # 4 rows: batches of 4
-    run = dict(optimizer=OPTIMIZER, batch_size=4, seed=3, **FAST)
+    run = dict(optimizer=OPTIMIZER, batch_size=4, seed=3, params=params, **FAST)
     whole, _ = fit(objective, data, steps=4, **run)
     fit(objective, data, steps=2, checkpoint_dir=tmp_path, checkpoint_every=2, **run)
     resumed, history = fit(objective, data, steps=4, checkpoint_dir=tmp_path, **run)
     assert len(history) == 2  # only steps 3 and 4 ran
+    # The restored state ran the step compiled for the first run (orbax's arrays are committed
+    # to a device: passed as they are, they would compile the step again, without a retrace).
+    options = tuple(sorted(FAST["compiler_options"].items()))
+    assert make_step(objective, OPTIMIZER, options)._cache_size() == 1
     chex.assert_trees_all_close(resumed.params, whole.params, atol=1e-6, rtol=0)
     flat = flax.traverse_util.flatten_dict(resumed.params)
     assert all(np.isfinite(np.asarray(v)).all() for v in flat.values())
+
+
+def test_contrastive_distractors_are_other_masked_frames():
+    from sslsim_jax.train.objectives import masked_distractors
+
+    mask = np.zeros((2, 30), bool)
+    mask[0, [3, 4, 5, 20, 21]] = True
+    mask[1, 10:20] = True
+    other = np.asarray(masked_distractors(jax.random.key(0), jnp.asarray(mask), 50))
+    for b in range(2):
+        for t in np.flatnonzero(mask[b]):
+            assert mask[b, other[b, t]].all() and (other[b, t] != t).all()
+        # Every other masked frame gets drawn.
+        t = np.flatnonzero(mask[b])[0]
+        assert set(other[b, t]) == set(np.flatnonzero(mask[b])) - {t}

@@ -192,6 +192,9 @@ def fit(
         latest = manager.latest_step()
         if latest is not None:
             state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+            # orbax returns arrays committed to a device; the step was compiled for
+            # uncommitted ones and would compile again for these: hand it host copies.
+            state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)
     start = int(state.step)
     if isinstance(data, Mapping):
         if batch_size is None:

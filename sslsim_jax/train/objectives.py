@@ -164,6 +164,21 @@ def gumbel_quantize(
     return quantised, jax.nn.softmax(logits, axis=-1)
 
 
+def masked_distractors(key: jax.Array, mask: jax.Array, count: int) -> jax.Array:
+    """Frame indices [B, T, count]: for each masked frame, ``count`` uniform draws (with
+    replacement) among the other masked frames of its utterance, as in wav2vec 2.0. Rows of
+    unmasked frames are arbitrary masked frames (they carry no loss)."""
+    batch, frames = mask.shape
+    order = jnp.argsort(~mask, axis=1, stable=True)  # masked frames first, in time order
+    masked = mask.sum(axis=1)  # [B]
+    rank = jnp.cumsum(mask, axis=1) - 1  # [B, T]: a masked frame's place among them
+    draw = jax.random.randint(key, (batch, frames, count), 0, 1 << 30)
+    pick = draw % jnp.maximum(masked - 1, 1)[:, None, None]
+    pick = pick + (pick >= rank[:, :, None])  # skip the frame itself
+    other = jnp.take_along_axis(order, pick.reshape(batch, -1), axis=1)
+    return other.reshape(batch, frames, count)
+
+
 def contrastive(
     config: ModelConfig,
     *,
@@ -182,12 +197,12 @@ def contrastive(
 
     For every masked frame the projected context vector is scored by cosine similarity /
     ``temperature`` against its own projected quantised feature and ``distractors`` quantised
-    features of other frames of the same utterance (drawn uniformly; a distractor equal to the
-    target is excluded). Loss = cross-entropy + ``diversity_weight`` · (GV − perplexity)/GV of the
-    batch-averaged codebook probabilities. The Gumbel temperature decays from
-    ``gumbel_temperature[0]`` by the factor ``[2]`` per step to at least ``[1]``. The CNN feature
-    penalty of the paper is not used (features here are layer-normalised). Metrics:
-    ``accuracy`` (target ranked first), ``perplexity``.
+    features of other masked frames of the same utterance (`masked_distractors`; a distractor
+    equal to the target is excluded). Loss = cross-entropy + ``diversity_weight`` ·
+    (GV − perplexity)/GV of the batch-averaged codebook probabilities. The Gumbel temperature
+    decays from ``gumbel_temperature[0]`` by the factor ``[2]`` per step to at least ``[1]``.
+    The CNN feature penalty of the paper is not used (features here are layer-normalised).
+    Metrics: ``accuracy`` (target ranked first), ``perplexity``.
     """
     codebook = groups * entries
 
@@ -197,7 +212,13 @@ def contrastive(
         heads = {
             "mask_embedding": jax.random.uniform(k_mask, (config.hidden_size,)),
             "quantizer": {
-                "weight_proj": _dense(k_w, channels, codebook),
+                # Unit-variance weights (fairseq, transformers), not 1/sqrt(fan_in): the code
+                # logits must dominate the Gumbel noise from the start, or the hard codes are
+                # random draws the context cannot predict and the loss stays at chance.
+                "weight_proj": {
+                    "kernel": jax.random.normal(k_w, (channels, codebook)),
+                    "bias": jnp.zeros((codebook,)),
+                },
                 "codevectors": jax.random.uniform(k_cv, (codebook, codevector_dim // groups)),
             },
             "project_q": _dense(k_q, codevector_dim, projection_dim),
@@ -217,12 +238,7 @@ def contrastive(
         targets = _apply_dense(heads["project_q"], quantised)  # [B, T, E]
         context = _apply_dense(heads["project_hid"], out["final_hidden_state"])  # [B, T, E]
         batch_size, frames, _ = targets.shape
-        valid = out["frame_lengths"]  # [B]
-        # Distractor j of frame t: a uniform other valid frame of the same utterance.
-        draw = jax.random.randint(k_neg, (batch_size, frames, distractors), 0, 1 << 30)
-        other = draw % jnp.maximum(valid - 1, 1)[:, None, None]
-        t = jnp.arange(frames)[None, :, None]
-        other = other + (other >= t)  # skip the frame itself
+        other = masked_distractors(k_neg, mask, distractors)
         negatives = jax.vmap(lambda y, idx: y[idx])(targets, other)  # [B, T, N, E]
         candidates = jnp.concatenate([targets[:, :, None], negatives], axis=2)  # [B, T, 1+N, E]
         logits = _cosine_logits(context, candidates, temperature)
