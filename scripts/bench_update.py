@@ -2,7 +2,9 @@
 
 ``stats.merge(m, stats.moments(z))`` forms the batch's [D, D] co-moment, re-centres both sides
 and adds them; ``stats.update(m, z)`` adds the batch's Gram and both rank-one shifts to m's
-co-moment in its (donated) buffer. Both run side by side on the same random batches: K networks
+co-moment in its (donated) buffer; ``upper`` is the same with ``upper=True``, the streaming
+form `extract` uses (upper blocks only; `stats.mirror_upper` once at the end, not timed, before
+the results are compared). Both run side by side on the same random batches: K networks
 of width W, N frames per batch. Prints the median time per update (process CPU seconds, which
 other jobs on a shared machine inflate less than wall time; pass ``--single-thread`` to pin
 XLA to one thread so that they are comparable across loads), the largest difference of the
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("merge", "update")
+METHODS = ("merge", "update", "upper")
 
 
 def peak_rss() -> int:
@@ -58,7 +60,8 @@ def _step(method: str):
 
     if method == "merge":
         return jax.jit(lambda m, z: stats.merge(m, stats.moments(z, sizes=m.sizes)))
-    return jax.jit(lambda m, z: stats.update(m, z), donate_argnums=0)
+    upper = method == "upper"
+    return jax.jit(lambda m, z: stats.update(m, z, upper=upper), donate_argnums=0)
 
 
 def run(method: str, networks: int, width: int, frames: int, reps: int):
@@ -74,6 +77,8 @@ def run(method: str, networks: int, width: int, frames: int, reps: int):
         m = jax.block_until_ready(step(m, batches[(i + 1) % 2]))
         cpu.append(time.process_time() - c)
         wall.append(time.perf_counter() - w)
+    if method == "upper":  # made whole once, as `extract` does at the end (not timed)
+        m = jax.block_until_ready(jax.jit(stats.mirror_upper)(m))
     return sorted(cpu)[reps // 2], sorted(wall)[reps // 2], m
 
 
@@ -151,6 +156,13 @@ def main(argv=None) -> int:
         f"\nre-centring product [D, D] x block-diagonal [D, K]: dense {times['dense'] * 1e3:.0f} "
         f"ms, block {times['block'] * 1e3:.0f} ms CPU ({times['dense'] / times['block']:.1f}x)"
     )
+    mirror = jax.jit(stats.mirror_upper, donate_argnums=0)
+    m = stats.init(sizes).replace(comoment=c)
+    m = jax.block_until_ready(mirror(m))
+    start = time.process_time()
+    jax.block_until_ready(mirror(m))
+    seconds = time.process_time() - start
+    print(f"mirror_upper (once per run in the streaming form): {seconds:.2f} s CPU")
     return 0
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "moments",
     "joint_moments",
     "update",
+    "mirror_upper",
     "update_replicates",
     "replicate_chunk",
     "map_replicates",
@@ -341,7 +342,9 @@ def merge(a: Moments, b: Moments, *, start=0, reduce=_identity) -> Moments:
     )
 
 
-def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Moments:
+def update(
+    m: Moments, z: jax.Array, *, where: jax.Array | None = None, upper: bool = False
+) -> Moments:
     """Add one batch z: [N, D] (networks side by side as in m) with optional mask/weights.
 
     Equals ``merge(m, moments(z, where=where, sizes=m.sizes))`` — the same centring and the
@@ -349,6 +352,12 @@ def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Momen
     upper blocks and both sides' rank-one shifts (as two more frames) are added to m's
     co-moment block by block, one pass over it that XLA does in place when m is donated, and
     the row-norm accumulators shift with block products (D·D flops, not D·D·K).
+
+    ``upper=True`` is the streaming form (`sslsim_jax.analysis.extract`): only the upper blocks
+    of the co-moment (network a's rows against networks b ≥ a) are read and written, the
+    strictly lower blocks are left as they are, whatever they hold. Mirroring them every batch
+    costs more than a third of the update at 26 networks (`scripts/bench_update.py`);
+    `mirror_upper` does it once, when the statistics are read.
     """
     d = m.mean.shape[-1]
     z = jnp.asarray(z)
@@ -364,7 +373,10 @@ def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Momen
     mean = m.mean + (n_b / jnp.where(n > 0, n, 1)) * (mean_b - m.mean)
     delta_a, delta_b = mean - m.mean, mean - mean_b
     # m's row-norm accumulators, re-centred on the merged mean.
-    c_a = _block_matvec(m.comoment, delta_a, sizes)  # [D, K]
+    if upper:
+        c_a = _block_matvec_upper(m.comoment, delta_a, sizes)  # [D, K]
+    else:
+        c_a = _block_matvec(m.comoment, delta_a, sizes)
     row_cross_a, row_gram_a = _shifted_rows(m, delta_a, jnp.diagonal(m.comoment), c_a)
     # The batch's, about its own mean, then re-centred: its co-moment's block products with
     # delta_b are zwᵀ (zc's per-network products with delta_b), never the co-moment itself.
@@ -383,7 +395,11 @@ def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Momen
     # Co-moment: m's + n_a·δ_aδ_aᵀ + Σ w zc zcᵀ + n_b·δ_bδ_bᵀ; the shifts are two more frames.
     shifts = jnp.stack([jnp.sqrt(m.count) * delta_a, jnp.sqrt(n_b) * delta_b])  # [2, D]
     comoment = _add_upper_gram(
-        m.comoment, jnp.concatenate([zw, shifts]), jnp.concatenate([zc, shifts]), sizes
+        m.comoment,
+        jnp.concatenate([zw, shifts]),
+        jnp.concatenate([zc, shifts]),
+        sizes,
+        mirror=not upper,
     )
     return Moments(
         count=n,
@@ -395,9 +411,11 @@ def update(m: Moments, z: jax.Array, *, where: jax.Array | None = None) -> Momen
     )
 
 
-def _add_upper_gram(c: jax.Array, zw: jax.Array, zc: jax.Array, sizes: Sequence[int]) -> jax.Array:
+def _add_upper_gram(
+    c: jax.Array, zw: jax.Array, zc: jax.Array, sizes: Sequence[int], *, mirror: bool = True
+) -> jax.Array:
     """c + zwᵀ zc for symmetric results: one matmul per network against the networks after it
-    (the upper blocks), each added to its block and mirrored into the lower one."""
+    (the upper blocks), each added to its block and, with ``mirror``, into the lower one."""
     offsets = np.cumsum((0,) + tuple(sizes))
     d = c.shape[0]
     for a in range(len(sizes)):
@@ -405,9 +423,46 @@ def _add_upper_gram(c: jax.Array, zw: jax.Array, zc: jax.Array, sizes: Sequence[
         # [N, D_a]^T [N, D - lo] -> [D_a, D - lo]: block row a from its diagonal block on.
         row = jnp.einsum("na,nb->ab", zw[:, lo:hi], zc[:, lo:], precision=matmul_precision())
         c = jax.lax.dynamic_update_slice(c, c[lo:hi, lo:] + row, (lo, lo))
-        if hi < d:
+        if mirror and hi < d:
             c = jax.lax.dynamic_update_slice(c, c[hi:, lo:hi] + row[:, hi - lo :].T, (hi, lo))
     return c
+
+
+def _block_vecmat(mat: jax.Array, v: jax.Array, sizes: Sequence[int]) -> jax.Array:
+    """[K, C] whose row k is ``v[block_k] @ mat[block_k, :]`` (mat [D, C]), in D·C flops: a
+    multiply summed over a leading axis, which XLA vectorizes across the columns."""
+    out, start = [], 0
+    for width, run in itertools.groupby(sizes):
+        count = len(list(run))
+        stop = start + count * width
+        block = mat[start:stop].reshape(count, width, mat.shape[1])
+        out.append(jnp.sum(block * v[start:stop].reshape(count, width, 1), axis=1))
+        start = stop
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
+
+
+def _block_matvec_upper(c: jax.Array, v: jax.Array, sizes: Sequence[int]) -> jax.Array:
+    """`_block_matvec` of a symmetric [D, D] matrix of which only the upper blocks are read:
+    entry (i, k) for i in network a ≤ k from c's column block k, for a > k from its row block k
+    (c[block_k, i] = c[i, block_k] by symmetry)."""
+    seg = jnp.asarray(segment_ids(sizes))
+    below = seg[:, None] > jnp.arange(len(sizes))[None, :]  # [D, K]: row's network after k
+    return jnp.where(below, _block_vecmat(c, v, sizes).T, _block_matvec(c, v, sizes))
+
+
+def mirror_upper(m: Moments) -> Moments:
+    """Statistics whose co-moment's strictly lower blocks are copied from the upper ones: the
+    result of `update` with ``upper=True`` made whole (any leading replicate axes are kept).
+    One transpose per network, so the cost of one mirroring, not of one per batch."""
+    offsets = np.cumsum((0,) + tuple(m.sizes))
+    c = m.comoment
+    d = c.shape[-1]
+    for a in range(len(m.sizes)):
+        lo, hi = int(offsets[a]), int(offsets[a + 1])
+        if hi < d:
+            lower = jnp.swapaxes(c[..., lo:hi, hi:], -1, -2)  # [..., D - hi, D_a]
+            c = jax.lax.dynamic_update_slice(c, lower, (0,) * (c.ndim - 2) + (hi, lo))
+    return m.replace(comoment=c)
 
 
 # Temporaries one chunk of `update_replicates` may take by default.
@@ -437,7 +492,7 @@ def replicate_chunk(
 
 
 def update_replicates(
-    m: Moments, z: jax.Array, weights: jax.Array, *, chunk: int | None = None
+    m: Moments, z: jax.Array, weights: jax.Array, *, chunk: int | None = None, upper: bool = False
 ) -> Moments:
     """`update` of R bootstrap replicates: the same frames z, each replicate with its weights.
 
@@ -452,6 +507,7 @@ def update_replicates(
         weights: [R, N] each replicate's frame weights (0 on padded frames).
         chunk: replicates per step, rounded down to a divisor of R (`replicate_chunk`);
             None: as many as keep the temporaries ≤ 256 MiB.
+        upper: the streaming form of `update` (upper blocks only).
 
     Returns:
         The updated [R]-stacked `Moments`.
@@ -468,7 +524,9 @@ def update_replicates(
             f"expected weights of shape [R, N] = ({r}, {z.shape[0]}), got {weights.shape}"
         )
     chunk = replicate_chunk(z.shape[1], z.shape[0], r, chunk=chunk)
-    return map_replicates(lambda mr, w: update(mr, z, where=w), m, weights, chunk=chunk)
+    return map_replicates(
+        lambda mr, w: update(mr, z, where=w, upper=upper), m, weights, chunk=chunk
+    )
 
 
 def map_replicates(fn, m: Moments, weights: jax.Array, *, chunk: int) -> Moments:

@@ -292,3 +292,49 @@ def test_update_equals_merge_of_the_batch_moments(sizes, shift, seed):
         chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-8)
         z, w = np.concatenate([z1, z2]), np.r_[np.ones(9), w2]
         assert_matches(got, reference(z, w, sizes), 1e-10)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.sampled_from([1, 3, 8, 16]), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_upper_block_streaming_ignores_the_lower_blocks_and_mirrors_to_update(sizes, seed):
+    # The streaming form reads and writes only the upper blocks: whatever the strictly lower
+    # blocks hold (garbage here) changes nothing, and `mirror_upper` makes it whole.
+    sizes = tuple(sizes)
+    rng = np.random.default_rng(seed)
+    d = sum(sizes)
+    batches = [
+        rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d) + k for k, n in enumerate((9, 7, 5))
+    ]
+    weights = [(rng.random(len(z)) > 0.3).astype(np.float64) for z in batches]
+    seg = stats.segment_ids(sizes)
+    lower = seg[:, None] > seg[None, :]
+    with jax.enable_x64(True):
+        full = stats.moments(batches[0], where=weights[0], sizes=sizes)
+        streamed = full.replace(
+            comoment=np.where(lower, rng.normal(size=(d, d)) * 1e3, full.comoment)
+        )
+        for z, w in zip(batches[1:], weights[1:], strict=True):
+            full = stats.update(full, z, where=w)
+            streamed = stats.update(streamed, z, where=w, upper=True)
+        mirrored = stats.mirror_upper(streamed)
+        chex.assert_trees_all_close(mirrored, full, rtol=1e-10, atol=1e-8)
+        z, w = np.concatenate(batches), np.concatenate(weights)
+        assert_matches(mirrored, reference(z, w, sizes), 1e-10)
+
+
+def test_upper_block_replicates_mirror_to_update_replicates():
+    z, w = data()
+    weights = np.stack([w, w * (np.arange(len(w)) % 3), np.ones_like(w)])  # [R=3, N]
+    with jax.enable_x64(True):
+        m = jax.tree.map(lambda a: jnp.stack([a] * 3), stats.init(SIZES, jnp.float64))
+        full, streamed = m, m
+        for lo in (0, 40, 80):
+            part = np.zeros_like(weights)
+            part[:, lo : lo + 40] = weights[:, lo : lo + 40]
+            full = stats.update_replicates(full, z, part, chunk=1)
+            streamed = stats.update_replicates(streamed, z, part, chunk=1, upper=True)
+        chex.assert_trees_all_close(stats.mirror_upper(streamed), full, rtol=1e-10, atol=1e-8)
+        assert not np.allclose(streamed.comoment, full.comoment)  # the lower blocks were left

@@ -54,13 +54,15 @@ def run_mesh(settings: Settings) -> jax.sharding.Mesh:
     return distributed.make_mesh(settings.devices, local=True, stat_shards=settings.stat_shards)
 
 
+# While streaming, the co-moments hold their upper blocks only (`stats.update` with
+# ``upper=True``); `_mirror` makes them whole once, when the loop is done.
 def _update(m: stats.Moments, z: jax.Array, where: jax.Array) -> stats.Moments:
-    return stats.update(m, z, where=where)
+    return stats.update(m, z, where=where, upper=True)
 
 
 def _update_replicates(m: stats.Moments, z: jax.Array, weights: jax.Array) -> stats.Moments:
     # A chunk of replicates at a time: temporaries [chunk, N, D], not [R, N, D].
-    return stats.update_replicates(m, z, weights)
+    return stats.update_replicates(m, z, weights, upper=True)
 
 
 @functools.cache
@@ -72,6 +74,12 @@ def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
     return tuple(
         jax.jit(f, out_shardings=out, donate_argnums=0) for f in (_update, _update_replicates)
     )
+
+
+@functools.cache
+def _mirror(mesh: jax.sharding.Mesh) -> Callable:
+    """`stats.mirror_upper`, jitted for ``mesh`` (statistics donated, left replicated)."""
+    return jax.jit(stats.mirror_upper, out_shardings=distributed.replicated(mesh), donate_argnums=0)
 
 
 @functools.cache
@@ -333,6 +341,10 @@ def extract(
                 last = now
     bar.close()
     ran = state.done > start
+    if settings.stat_shards == 1:  # upper blocks (streamed or from a checkpoint) made whole
+        state.moments = _mirror(mesh)(state.moments)
+        if state.replicates is not None:
+            state.replicates = _mirror(mesh)(state.replicates)
     state = state_lib.fetch(state)
     if ran and finished is not None:
         finished(state)
