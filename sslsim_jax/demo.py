@@ -86,8 +86,9 @@ def model_paths() -> dict[str, str]:
 
 
 def demo_models(seed: int = 0) -> list[tuple[str, SpeechModel]]:
-    """The demo's models: the shipped trained models and a random model of the same shape as
-    the first of them (``<name>-random``, seeded); without shipped models, seeded random ones.
+    """The demo's models: the shipped trained models and ``random-init``, seeded random weights
+    in the shape of the first pre-trained one (no CTC head); without shipped models, seeded
+    random ones.
     """
     from sslsim_jax.intermediates import load_model
 

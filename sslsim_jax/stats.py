@@ -240,16 +240,23 @@ def joint_moments(networks: Sequence[jax.Array], *, where: jax.Array | None = No
     return moments(z, where=where, sizes=[x.shape[1] for x in arrays])
 
 
+def _runs(sizes: Sequence[int]):
+    """(start, stop, count, width) of each run of consecutive networks of equal width."""
+    start = 0
+    for width, run in itertools.groupby(sizes):
+        count = len(list(run))
+        yield start, start + count * width, count, width
+        start += count * width
+
+
 def _block_matvec(mat: jax.Array, v: jax.Array, sizes: Sequence[int]) -> jax.Array:
     """[R, K] whose column k is ``mat[:, block_k] @ v[block_k]``: the product of mat [R, D] with
     the block-diagonal [D, K] matrix holding v's network blocks, in R·D flops instead of R·D·K.
 
     Runs of networks of equal width are reshaped to [R, count, width] and contracted at once.
     """
-    out, start = [], 0
-    for width, run in itertools.groupby(sizes):
-        count = len(list(run))
-        stop = start + count * width
+    out = []
+    for start, stop, count, width in _runs(sizes):
         # A fused multiply-reduce, one read of mat (a batched dot would transpose it first).
         # Summed over a leading axis into `lanes` partial sums: XLA's CPU code vectorizes a
         # reduction across the minor axis, not along it (float adds are not reassociated).
@@ -257,26 +264,33 @@ def _block_matvec(mat: jax.Array, v: jax.Array, sizes: Sequence[int]) -> jax.Arr
         block = mat[:, start:stop].reshape(mat.shape[0], count, width // lanes, lanes)
         part = jnp.sum(block * v[start:stop].reshape(1, count, width // lanes, lanes), axis=2)
         out.append(jnp.sum(part, axis=-1))
-        start = stop
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
 
 
 def _shifted_rows(
-    m: Moments, delta: jax.Array, diag: jax.Array, c_delta: jax.Array, start=0, reduce=_identity
+    row_cross: jax.Array,
+    row_gram: jax.Array,
+    count: jax.Array,
+    sizes: Sequence[int],
+    delta: jax.Array,
+    diag: jax.Array,
+    c_delta: jax.Array,
+    start=0,
+    reduce=_identity,
 ) -> tuple[jax.Array, jax.Array]:
-    """``row_cross`` and ``row_gram`` of m re-centred on mean + delta (exact identities).
+    """``row_cross`` and ``row_gram`` (of ``count`` frames, networks of ``sizes``) re-centred
+    on mean + delta (exact identities).
 
     Args:
-        m: the statistics (its ``comoment`` is not read); ``m.row_cross`` may be the rows
-            ``start:start + R`` only.
+        row_cross: [R, K], possibly the rows ``start:start + R`` only; row_gram: [K, K].
         delta: [D] the shift of the mean.
         diag: [R] the co-moment's diagonal on m's rows (Σ w (z − μ)² per column).
         c_delta: [R, K] `_block_matvec` of the co-moment's rows with delta.
         start, reduce: for row blocks (``reduce`` sums over the other row blocks).
     """
     prec = matmul_precision()
-    k, rows = len(m.sizes), m.row_cross.shape[0]
-    onehot = jax.nn.one_hot(jnp.asarray(segment_ids(m.sizes)), k, dtype=delta.dtype)  # [D, K]
+    k, rows = len(sizes), row_cross.shape[0]
+    onehot = jax.nn.one_hot(jnp.asarray(segment_ids(sizes)), k, dtype=delta.dtype)  # [D, K]
     if rows == delta.shape[0]:
         onehot_r, delta_r = onehot, delta
     else:
@@ -285,17 +299,16 @@ def _shifted_rows(
     big_delta_r = delta_r[:, None] * onehot_r  # [R, K]: delta_k in network k's rows of column k
     q = jnp.einsum("d,dk->k", delta * delta, onehot, precision=prec)  # [K] ‖δ_k‖²
     s = reduce(jnp.matmul(diag, onehot_r, precision=prec))  # [K] Σ w r_k
-    dp = reduce(jnp.matmul(big_delta_r.T, m.row_cross, precision=prec))  # [K, K]
-    n = m.count
+    dp = reduce(jnp.matmul(big_delta_r.T, row_cross, precision=prec))  # [K, K]
     row_gram = (
-        m.row_gram
+        row_gram
         - 2 * (dp + dp.T)
         + 4 * reduce(jnp.matmul(big_delta_r.T, c_delta, precision=prec))
         + jnp.outer(s, q)
         + jnp.outer(q, s)
-        + n * jnp.outer(q, q)
+        + count * jnp.outer(q, q)
     )
-    row_cross = m.row_cross - 2 * c_delta - jnp.outer(delta_r, s) - n * jnp.outer(delta_r, q)
+    row_cross = row_cross - 2 * c_delta - jnp.outer(delta_r, s) - count * jnp.outer(delta_r, q)
     return row_cross, row_gram
 
 
@@ -313,7 +326,9 @@ def _shift(m: Moments, delta: jax.Array, start=0, reduce=_identity) -> Moments:
         diag = m.comoment[idx, start + idx]
         delta_r = jax.lax.dynamic_slice_in_dim(delta, start, rows)
     c_delta = _block_matvec(m.comoment, delta, m.sizes)  # [R, K]
-    row_cross, row_gram = _shifted_rows(m, delta, diag, c_delta, start, reduce)
+    row_cross, row_gram = _shifted_rows(
+        m.row_cross, m.row_gram, m.count, m.sizes, delta, diag, c_delta, start, reduce
+    )
     comoment = m.comoment + m.count * jnp.outer(delta_r, delta)
     return m.replace(mean=m.mean + delta, comoment=comoment, row_cross=row_cross, row_gram=row_gram)
 
@@ -377,21 +392,23 @@ def update(
         c_a = _block_matvec_upper(m.comoment, delta_a, sizes)  # [D, K]
     else:
         c_a = _block_matvec(m.comoment, delta_a, sizes)
-    row_cross_a, row_gram_a = _shifted_rows(m, delta_a, jnp.diagonal(m.comoment), c_a)
+    row_cross_a, row_gram_a = _shifted_rows(
+        m.row_cross, m.row_gram, m.count, sizes, delta_a, jnp.diagonal(m.comoment), c_a
+    )
     # The batch's, about its own mean, then re-centred: its co-moment's block products with
     # delta_b are zwᵀ (zc's per-network products with delta_b), never the co-moment itself.
     r = row_norms(zc, sizes)  # [N, K]
-    batch = Moments(
-        count=n_b,
-        mean=mean_b,
-        comoment=jnp.zeros((0, 0), dtype),
-        row_cross=jnp.einsum("nd,nk->dk", zw, r, precision=prec),
-        row_gram=jnp.einsum("n,nk,nl->kl", w, r, r, precision=prec),
-        sizes=sizes,
-    )
     c_b = jnp.einsum("nd,nk->dk", zw, _block_matvec(zc, delta_b, sizes), precision=prec)
     diag_b = jnp.einsum("n,nd->d", w, zc * zc, precision=prec)
-    row_cross_b, row_gram_b = _shifted_rows(batch, delta_b, diag_b, c_b)
+    row_cross_b, row_gram_b = _shifted_rows(
+        jnp.einsum("nd,nk->dk", zw, r, precision=prec),
+        jnp.einsum("n,nk,nl->kl", w, r, r, precision=prec),
+        n_b,
+        sizes,
+        delta_b,
+        diag_b,
+        c_b,
+    )
     # Co-moment: m's + n_a·δ_aδ_aᵀ + Σ w zc zcᵀ + n_b·δ_bδ_bᵀ; the shifts are two more frames.
     shifts = jnp.stack([jnp.sqrt(m.count) * delta_a, jnp.sqrt(n_b) * delta_b])  # [2, D]
     comoment = _add_upper_gram(
@@ -431,13 +448,10 @@ def _add_upper_gram(
 def _block_vecmat(mat: jax.Array, v: jax.Array, sizes: Sequence[int]) -> jax.Array:
     """[K, C] whose row k is ``v[block_k] @ mat[block_k, :]`` (mat [D, C]), in D·C flops: a
     multiply summed over a leading axis, which XLA vectorizes across the columns."""
-    out, start = [], 0
-    for width, run in itertools.groupby(sizes):
-        count = len(list(run))
-        stop = start + count * width
+    out = []
+    for start, stop, count, width in _runs(sizes):
         block = mat[start:stop].reshape(count, width, mat.shape[1])
         out.append(jnp.sum(block * v[start:stop].reshape(count, width, 1), axis=1))
-        start = stop
     return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
 
 
