@@ -179,6 +179,8 @@ def test_input_errors():
         stats.moments(jnp.ones((5, 4)), where=jnp.ones(4))
     with pytest.raises(ValueError, match="equal network sizes"):
         stats.merge(stats.init((2,)), stats.init((1, 1)))
+    with pytest.raises(ValueError, match=r"expected z of shape \[N, D=4\], got \(5, 3\)"):
+        stats.update(stats.init((2, 2)), jnp.ones((5, 3)))
 
 
 _PSUM_SCRIPT = textwrap.dedent(
