@@ -3,15 +3,16 @@
 `compare` stacks the K networks side by side (Z: [N, ΣD_k]), accumulates their joint
 `sslsim_jax.stats.Moments` batch by batch (only the upper blocks of the symmetric co-moment are
 multiplied), then computes every metric for every ordered pair with batched kernels of
-`sslsim_jax.metrics.kernels`: one ``eigh`` per network (vmapped), one einsum for all linreg
-solves, one ``svd`` per unordered pair (vmapped; both CCA directions and PWCCA weights come from
-it), block norms for CKA. The per-pair SVD uses only as many eigen-directions as the largest
-number SVCCA keeps, so its cost follows the data's effective rank.
+`sslsim_jax.metrics.kernels`: one ``eigh`` per network (vmapped), one contraction per network
+for all linreg solves, one ``svd`` per unordered pair (batched; both CCA directions and PWCCA
+weights come from it), block norms for CKA. The per-pair SVD uses only as many eigen-directions
+as the largest number SVCCA keeps, so its cost follows the data's effective rank.
+`pair_values` computes each per-neuron or per-direction value once for the metrics, their top-k
+and the matched neurons.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
@@ -22,8 +23,10 @@ import pandas as pd
 from sslsim_jax import stats
 from sslsim_jax.metrics import kernels, registry
 from sslsim_jax.metrics.representation import rbf_cka_matrix
+from sslsim_jax.metrics.topk import check_ks, topk_matrices
+from sslsim_jax.metrics.topk import check_metrics as check_topk
 
-__all__ = ["METRICS", "compare", "compare_moments"]
+__all__ = ["METRICS", "compare", "compare_moments", "pair_values"]
 
 # Measures `compare` computes: those of the joint statistics and RBF CKA on raw frames.
 METRICS = registry.names("moments") + registry.names("frames")
@@ -32,9 +35,42 @@ _moments = jax.jit(stats.moments, static_argnames="sizes")
 _merge = jax.jit(stats.merge)
 
 
-@functools.partial(jax.jit, static_argnames=("metrics", "width"))
-def _stage2(b, s, isd, *, metrics, width):
-    return kernels.metric_matrices(b, s, isd, metrics=metrics, width=width)
+def pair_values(
+    b: kernels.Blocks,
+    s: kernels.Spectra | None,
+    isd: jax.Array,
+    *,
+    metrics: tuple[str, ...],
+    width: int,
+    norms: jax.Array | None = None,
+    neurons: bool = False,
+    topk: tuple[str, ...] = (),
+    ks: tuple[float, ...] = (),
+) -> dict[str, jax.Array]:
+    """The metric matrices, matched neurons and top-k of one set of statistics, from one
+    `kernels.pair_parts`: each per-neuron or per-direction value (a linreg contraction, a CCA
+    SVD) is computed once for all three. Jit-compatible (keywords static except ``norms``).
+
+    Returns:
+        metric -> [Ka, K]; with ``neurons`` also "best", "matched" [Ka, P, K]; with ``topk``
+        also "topk:METRIC" [Ka, K, len(ks)].
+    """
+    needed = (*metrics, *topk, *(("maxcorr",) if neurons else ()))
+    parts = kernels.pair_parts(b, s, isd, metrics=needed, width=width)
+    out = {}
+    if metrics:
+        out = kernels.metric_matrices(
+            b, s, isd, metrics=metrics, width=width, norms=norms, parts=parts
+        )
+    if neurons:
+        out["best"], out["matched"] = parts.best, parts.matched
+    if topk:
+        values = topk_matrices(b, s, isd, metrics=topk, ks=ks, width=width, parts=parts)
+        out |= {f"topk:{name}": v for name, v in values.items()}
+    return out
+
+
+_stage2 = jax.jit(pair_values, static_argnames=("metrics", "width", "neurons", "topk", "ks"))
 
 
 def check_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
@@ -55,33 +91,46 @@ def compare_moments(
     variance: float = 0.99,
     variance_rule: str = "below",
     rtol: float | None = None,
+    neurons: bool = False,
+    topk: Sequence[str] = (),
+    ks: Sequence[float] = (),
 ) -> dict[str, np.ndarray]:
     """Every requested metric for every ordered pair, from joint statistics.
 
     Args:
         m: joint `stats.Moments` of the K networks.
         names: K network names (for warnings).
-        metrics: names among `METRICS` except "rbf_cka".
+        metrics: names among `METRICS` except "rbf_cka"; may be empty with ``topk``.
         variance, variance_rule, rtol: SVCCA/PWCCA/linreg options (see `metrics.svcca`).
+        neurons: also return "best", "matched" [K, P, K] (`kernels.neuron_best`) and "valid"
+            [K, P].
+        topk, ks: also return Wu et al.'s top-k of these metrics (`sslsim_jax.metrics.topk`)
+            at fractions ``ks`` as "topk:METRIC" [K, K, len(ks)], from the same per-neuron
+            values as the metrics (nothing is computed twice).
 
     Returns:
         metric name -> [K, K] NumPy array, entry [a, b] = metric(network a, network b)
-        (x-centric metrics: a in terms of b).
+        (x-centric metrics: a in terms of b); and the entries ``neurons`` and ``topk`` ask for.
     """
-    metrics = check_metrics(metrics)
+    metrics = check_metrics(metrics) if metrics or not topk else ()
+    topk = check_topk(topk) if topk else ()
+    ks = check_ks(ks) if topk else ()
     if "rbf_cka" in metrics:
         raise ValueError("rbf_cka needs raw activations: use compare(...)")
     if len(names) != len(m.sizes):
         raise ValueError(f"expected {len(m.sizes)} names, got {len(names)}")
-    spectral = is_spectral(metrics)
+    spectral = is_spectral((*metrics, *topk))
     b, s, isd = kernels.prepare(
         m, variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral
     )
     kernels.warn_degenerate(
         b.count, b.valid, b.real, b.diag, rank_sensitive=spectral, names=tuple(names)
     )
+    # Each pair's SVD needs only the directions SVCCA keeps: its cost follows the data's rank.
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
-    out = _stage2(b, s, isd, metrics=metrics, width=width)
+    out = _stage2(b, s, isd, metrics=metrics, width=width, neurons=neurons, topk=topk, ks=ks)
+    if neurons:
+        out["valid"] = b.valid
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -243,19 +243,13 @@ def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
 
 
 def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons, topk, ks):
-    from sslsim_jax.metrics.topk import topk_matrices
+    from sslsim_jax.pairwise import pair_values
 
     b = _local_blocks(m, width, diag, valid, real)
-    isd = kernels.inv_sd(b)
-    out = {}
-    if metrics:
-        out = kernels.metric_matrices(b, s, isd, metrics=metrics, width=cca_width, norms=norms)
-    if neurons:
-        out["best"], out["matched"] = kernels.neuron_best(b, isd)  # [Ka, P, K]
-    if topk:
-        values = topk_matrices(b, s, isd, metrics=topk, ks=ks, width=cca_width)
-        out |= {f"topk:{name}": v for name, v in values.items()}  # [Ka, K, len(ks)]
-    return out
+    return pair_values(
+        b, s, kernels.inv_sd(b), metrics=metrics, width=cca_width, norms=norms, neurons=neurons,
+        topk=topk, ks=ks,
+    )  # fmt: skip
 
 
 def pairwise(

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from sslsim_jax import metrics
+from sslsim_jax import metrics, stats
 from sslsim_jax.metrics.kernels import UndefinedSimilarityWarning
-from sslsim_jax.pairwise import METRICS, compare
+from sslsim_jax.pairwise import METRICS, compare, compare_moments
 
 
 def networks(n=150, seed=0):
@@ -83,3 +83,32 @@ def test_errors():
         compare({"m:0": nets["m:0"], "m:1": nets["m:1"][:10]})
     with warnings.catch_warnings(), pytest.raises(ValueError, match="rbf_cka needs a single"):
         compare([nets, nets], metrics=("rbf_cka",))
+
+
+def test_metrics_topk_and_neurons_in_one_call_equal_pair_functions():
+    """`compare_moments` computes the metrics, their top-k and the matched neurons from one set
+    of per-neuron and per-direction values; each equals its pair function. The networks keep
+    different numbers of SVCCA directions, so the shared SVD width is wider than most need."""
+    rng = np.random.default_rng(5)
+    nets = {}
+    for name, rank in [("a", 150), ("b", 20), ("c", 90)]:
+        basis = np.linalg.qr(rng.normal(size=(160, rank)))[0].T  # orthonormal [rank, 160]
+        nets[name] = rng.normal(size=(600, rank)) @ basis + 1e-3 * rng.normal(size=(600, 160))
+    names = list(nets)
+    topk = ("linreg", "svcca", "pwcca")
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = stats.joint_moments([nets[n] for n in names])
+        got = compare_moments(m, names, metrics=("svcca", "pwcca", "linreg"), neurons=True,
+                              topk=topk, ks=(0.5, 1.0))  # fmt: skip
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                x, y = nets[a], nets[b]
+                for metric in ("svcca", "pwcca", "linreg"):
+                    want = 1.0 if i == j and metric != "linreg" else PAIR[metric](x, y)
+                    np.testing.assert_allclose(got[metric][i, j], want, atol=1e-8)
+                    want = metrics.topk(x, y, metric, (0.5, 1.0))
+                    np.testing.assert_allclose(got[f"topk:{metric}"][i, j], want, atol=1e-8)
+                match = metrics.maxcorr(x, y)
+                np.testing.assert_allclose(got["best"][i, :, j], match.best, atol=1e-8)
+                np.testing.assert_array_equal(got["matched"][i, :, j], match.matched)

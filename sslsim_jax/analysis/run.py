@@ -44,6 +44,7 @@ from sslsim_jax.analysis.tables import (
     attention_tables,
     localization_rows,
     neuron_pairs,
+    pair_values,
     rankings_from_pairs,
     similarity_table,
     topk_rows,
@@ -343,7 +344,10 @@ def _analyze_locked(
                 keep = [p.owns(group_of, x, y) for x, y in zip(ia, ib, strict=True)]
                 return frame[np.asarray(keep, bool)]
 
-            tables.append(owned(similarity_table(state, sub, settings, progress=progress)))
+            values = pair_values(state, sub, settings)  # each pair's values computed once
+            tables.append(
+                owned(similarity_table(state, sub, settings, progress=progress, values=values))
+            )
             if pairs:
                 attention_rows, heads = attention_tables(state, sub)
                 maps = attention_map_rows(state, sub, settings)
@@ -353,8 +357,9 @@ def _analyze_locked(
                 skipped |= {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
             frames = state.frames
             if process == 0:
-                neuron_parts.append(owned(neuron_pairs(state, sub, settings)))
-                topk_parts.append(owned(topk_rows(state, sub, settings)))
+                neuron_parts.append(owned(neuron_pairs(state, sub, settings, values)))
+                topk_parts.append(owned(topk_rows(state, sub, settings, values)))
+            del values
     # Attention layers ("model:i", 1-based) sort with the networks of the same name, or after.
     layers = [n for e in entries for n in attention_layer_names(e)] if settings.attention else []
     order = {n: i for i, n in enumerate(dict.fromkeys([*names, *layers]))}

@@ -3,6 +3,7 @@ intervals), the attention layer and head tables, matched neurons and Wu et al.'s
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -17,9 +18,9 @@ from sslsim_jax.analysis.networks import ModelEntry, network_names, network_size
 from sslsim_jax.analysis.settings import Settings
 from sslsim_jax.analysis.state import State
 from sslsim_jax.metrics import attention as attn
-from sslsim_jax.metrics import kernels, registry
+from sslsim_jax.metrics import registry
 from sslsim_jax.metrics.representation import rbf_cka_matrix
-from sslsim_jax.metrics.topk import DEFAULT_KS, topk_all_from_moments
+from sslsim_jax.metrics.topk import DEFAULT_KS
 from sslsim_jax.pairwise import compare_moments
 
 
@@ -41,20 +42,11 @@ def _pair_rows(names_a, names_b, values: np.ndarray, metric: str) -> pd.DataFram
 
 
 def pairwise_fn(entries: Sequence[ModelEntry], settings: Settings) -> Callable[..., dict]:
-    """``(moments, names, metrics=..., neurons=...) -> {metric: [K, K]}`` for the statistics
-    `extract` returns: `compare_moments`, or `sharded.pairwise` when they are split over
-    devices (``settings.stat_shards`` > 1)."""
+    """``(moments, names, metrics=..., neurons=..., topk=..., ks=...) -> {name: array}`` for
+    the statistics `extract` returns: `compare_moments`, or `sharded.pairwise` when they are
+    split over devices (``settings.stat_shards`` > 1)."""
     if settings.stat_shards == 1:
-
-        def full(m, names, *, metrics, neurons=False):
-            out = compare_moments(m, names, metrics=metrics, variance=settings.svcca_variance)
-            if neurons:
-                b = kernels.blocks(m)
-                best, matched = kernels.neuron_best(b, kernels.inv_sd(b))  # [K, P, K]
-                out |= {"best": best, "matched": matched, "valid": b.valid}
-            return {k: np.asarray(v) for k, v in out.items()}
-
-        return full
+        return functools.partial(compare_moments, variance=settings.svcca_variance)
     layout = sharded.Layout(network_sizes(entries), settings.stat_shards)
     mesh = run_mesh(settings)
     return lambda m, names, **kwargs: sharded.pairwise(
@@ -62,26 +54,58 @@ def pairwise_fn(entries: Sequence[ModelEntry], settings: Settings) -> Callable[.
     )
 
 
+def moment_metrics(settings: Settings) -> tuple[str, ...]:
+    """The run's metrics that come from the joint statistics (rbf_cka does not)."""
+    return tuple(m for m in settings.metrics if registry.get(m).source == "moments")
+
+
+def pair_values(state: State, entries: Sequence[ModelEntry], settings: Settings) -> dict:
+    """Everything the tables read from a pass's joint statistics, in one call: the metric
+    matrices, the matched neurons ("best", "matched", "valid") and the top-k ("topk:METRIC")
+    of the metrics that have one. Each per-neuron and per-direction value (linreg's
+    contractions, the CCA SVDs) is computed once for all three."""
+    metrics = moment_metrics(settings)
+    topk = tuple(m for m in metrics if registry.get(m).topk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        return pairwise_fn(entries, settings)(
+            state.moments,
+            network_names(entries),
+            metrics=metrics or ("linear_cka",),  # the neuron tables need some metric call
+            neurons=True,
+            topk=topk,
+            ks=DEFAULT_KS if topk else (),
+        )
+
+
 def similarity_table(
-    state: State, entries: Sequence[ModelEntry], settings: Settings, *, progress: bool = True
+    state: State,
+    entries: Sequence[ModelEntry],
+    settings: Settings,
+    *,
+    progress: bool = True,
+    values: dict | None = None,
 ) -> pd.DataFrame:
-    """The tidy table of every layer metric for every ordered pair of networks (with CIs)."""
+    """The tidy table of every layer metric for every ordered pair of networks (with CIs).
+
+    ``values``: the pass's `pair_values`, when already computed (else the metrics are).
+    """
     pairwise = pairwise_fn(entries, settings)
     from tqdm.auto import tqdm
 
     names = network_names(entries)
     # Metrics of the joint statistics; rbf_cka comes from the kept frame subsample.
-    metrics = tuple(m for m in settings.metrics if registry.get(m).source == "moments")
+    metrics = moment_metrics(settings)
     bar = tqdm(
         total=1 + settings.bootstrap,
         desc=f"metrics ({len(names)} networks, {len(settings.metrics)} metrics)",
         unit="pass",
         disable=not progress,
     )
-    values = {}
+    values = {m: values[m] for m in metrics} if values is not None else {}
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        if metrics:
+        if metrics and not values:
             values = pairwise(state.moments, names, metrics=metrics)
         if state.rbf is not None:
             values["rbf_cka"] = rbf_matrix(state, entries)
@@ -145,25 +169,26 @@ def attention_map_rows(
     return [_pair_rows(names, names, values[m], f"attention_{m}") for m in methods]
 
 
-def topk_rows(state: State, entries: Sequence[ModelEntry], settings: Settings) -> pd.DataFrame:
+def topk_rows(
+    state: State, entries: Sequence[ModelEntry], settings: Settings, values: dict | None = None
+) -> pd.DataFrame:
     """Wu et al.'s top-k (``topk.csv``) of the run's metrics that have one, k = 0.1, …, 1.0,
-    from the same statistics as the similarity table (no further pass over the audio)."""
+    from the same statistics as the similarity table (no further pass over the audio).
+
+    ``values``: the pass's `pair_values`, when already computed.
+    """
     metrics = tuple(m for m in settings.metrics if registry.get(m).topk)
     if not metrics:
         return pd.DataFrame(columns=results.TOPK_COLUMNS)
     names = network_names(entries)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reported with the similarity table
-        if settings.stat_shards > 1:  # from the shards, as the similarity table
-            split = pairwise_fn(entries, settings)
-            values = split(state.moments, names, metrics=(), topk=metrics, ks=DEFAULT_KS)
-            values = {m: values[f"topk:{m}"] for m in metrics}
-        else:
-            values = topk_all_from_moments(
-                state.moments, metrics=metrics, ks=DEFAULT_KS, variance=settings.svcca_variance
+    if values is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported with the similarity table
+            values = pairwise_fn(entries, settings)(
+                state.moments, names, metrics=(), topk=metrics, ks=DEFAULT_KS
             )
     networks = [tuple(n.rsplit(":", 1)) for n in names]
-    return analyses.topk_table(values, networks, DEFAULT_KS)
+    return analyses.topk_table({m: values[f"topk:{m}"] for m in metrics}, networks, DEFAULT_KS)
 
 
 def localization_rows(table: pd.DataFrame, settings: Settings) -> pd.DataFrame | None:
@@ -222,15 +247,22 @@ def neuron_tables(
     return pairs, rankings_from_pairs(pairs, network_names(entries), pool=settings.neuron_pool)
 
 
-def neuron_pairs(state: State, entries: Sequence[ModelEntry], settings: Settings) -> pd.DataFrame:
+def neuron_pairs(
+    state: State, entries: Sequence[ModelEntry], settings: Settings, values: dict | None = None
+) -> pd.DataFrame:
     """``neurons.csv`` rows: for every neuron of every network and every network, the best
-    matching neuron and its |r| (NaN for a constant neuron or an all-constant network)."""
+    matching neuron and its |r| (NaN for a constant neuron or an all-constant network).
+
+    ``values``: the pass's `pair_values`, when already computed.
+    """
     names, sizes = network_names(entries), network_sizes(entries)
-    pairwise = pairwise_fn(entries, settings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reported with the similarity table
-        out = pairwise(state.moments, names, metrics=("linear_cka",), neurons=True)
-    best, matched = out["best"], out["matched"]  # [K, P, K]
+    if values is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported with the similarity table
+            values = pairwise_fn(entries, settings)(
+                state.moments, names, metrics=("linear_cka",), neurons=True
+            )
+    best, matched = values["best"], values["matched"]  # [K, P, K]
     rows = []
     for i, name in enumerate(names):
         d = sizes[i]

@@ -231,12 +231,6 @@ def neuron_best(b: Blocks, isd: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(has, best, jnp.nan), jnp.where(has, matched, -1)
 
 
-def maxcorr_all(b: Blocks, isd: jax.Array) -> jax.Array:
-    """[Ka, K] mean over valid neurons of a of their best |r| in b."""
-    best, _ = neuron_best(b, isd)
-    return _pairs_defined(b, _masked_mean(best, b.valid[b.rows][:, :, None], axis=1))
-
-
 def linear_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
     """[Ka, K] ‖C_ab‖²_F / (‖C_aa‖_F ‖C_bb‖_F), NaN where a network has no variance.
 
@@ -271,78 +265,80 @@ def debiased_cka_all(b: Blocks, norms: jax.Array | None = None) -> jax.Array:
     return jnp.where(n > 3, out, jnp.nan)
 
 
-def linreg_all(b: Blocks, s: Spectra) -> jax.Array:
-    """[Ka, K] mean over valid neurons of a of √R² of predicting them from all of b."""
-    r = linreg_neurons(b, s)  # [Ka, P, K]
-    return _pairs_defined(b, _masked_mean(r, b.valid[b.rows][:, :, None], axis=1))
-
-
 def pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
     """Static indices of the unordered pairs a < b."""
     ia, ib = np.triu_indices(k, 1)
     return ia, ib
 
 
-def _cca_pairs(
-    b: Blocks, s: Spectra, ia: np.ndarray, ib: np.ndarray, *, width: int, pwcca: bool, both: bool
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """SVCCA and PWCCA of the pairs (row block ia, network ib), one SVD each: [n] arrays.
-
-    Returns (svcca, pwcca of a in terms of b, pwcca of b in terms of a when ``both``; ``both``
-    needs ``ib`` to index row blocks too, i.e. ``b`` holds every row). The means of
-    `canonical_pairs`.
-    """
-    pairs = canonical_pairs(b, s, ia, ib, width=width, weights=pwcca, both=both)
-    sv = _masked_mean(pairs.rho, pairs.take, axis=1)
-    if not pwcca:
-        return sv, None, None
-
-    def weighted(weight: jax.Array) -> jax.Array:
-        total = jnp.sum(weight, axis=1)
-        return jnp.where(
-            total > 0, jnp.sum(weight * pairs.rho, axis=1) / jnp.maximum(total, 1e-30), 0
-        )
-
-    pw_ba = weighted(pairs.weight_ba) if both else None
-    return sv, weighted(pairs.weight_ab), pw_ba
+def is_full(b: Blocks) -> bool:
+    """Whether ``b`` holds every row network (rows 0..K-1), not a row block of them."""
+    return b.comoment.shape[0] == b.valid.shape[0]
 
 
-def cca_all(
-    b: Blocks, s: Spectra, *, width: int, pwcca: bool
-) -> tuple[jax.Array, jax.Array | None]:
-    """SVCCA [K, K] and, when asked, PWCCA [K, K] for all pairs a < b (diagonal: 1).
-
-    ``width`` (static) is how many leading eigen-directions enter the per-pair SVD; any value at
-    least ``max(s.kept)`` gives the same result (`compare` uses exactly that, the pair
-    functions use P). One SVD per unordered pair gives both directions.
-    """
-    ia, ib = pair_index(b.valid.shape[0])
-    sv, pw_ab, pw_ba = _cca_pairs(b, s, ia, ib, width=width, pwcca=pwcca, both=True)
-    eye = jnp.diag(jnp.ones_like(s.kept, sv.dtype))
-    svcca = _pairs_defined(b, eye.at[ia, ib].set(sv).at[ib, ia].set(sv))
-    if not pwcca:
-        return svcca, None
-    return svcca, _pairs_defined(b, eye.at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba))
-
-
-def _row_pairs(b: Blocks) -> tuple[np.ndarray, np.ndarray, jax.Array]:
-    """Every (row block, network) pair, and [Ka, K] which of them pair a network with itself."""
+def cca_index(b: Blocks) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The pairs whose canonical correlations the CCA metrics need, and whether each stands for
+    both directions: the unordered pairs a < b when ``b`` holds every row (one SVD gives both),
+    else every (row block, network) pair."""
+    if is_full(b):
+        return (*pair_index(b.valid.shape[0]), True)
     ka, k = b.comoment.shape[0], b.valid.shape[0]
-    ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
-    return ia, ib, b.rows[:, None] == jnp.arange(k)[None, :]
+    return np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka), False
 
 
-def cca_rows(
-    b: Blocks, s: Spectra, *, width: int, pwcca: bool
-) -> tuple[jax.Array, jax.Array | None]:
-    """`cca_all` for a row block: [Ka, K] rows, one SVD per (row network, network) pair."""
-    ia, ib, self_pair = _row_pairs(b)
-    sv, pw_ab, _ = _cca_pairs(b, s, ia, ib, width=width, pwcca=pwcca, both=False)
-    shape = self_pair.shape
-    svcca = _pairs_defined(b, jnp.where(self_pair, 1.0, sv.reshape(shape)))
-    if pw_ab is None:
-        return svcca, None
-    return svcca, _pairs_defined(b, jnp.where(self_pair, 1.0, pw_ab.reshape(shape)))
+def pair_matrix(b: Blocks, ab: jax.Array, ba: jax.Array | None, own: jax.Array) -> jax.Array:
+    """[Ka, K, ...] matrix of per-pair values of the pairs `cca_index` lists.
+
+    Args:
+        ab: [n, ...] value of each pair (row network, network).
+        ba: [n, ...] value of the reversed pairs when the pairs are unordered, else ignored.
+        own: [Ka, ...] value of each row network against itself.
+    """
+    k, ka = b.valid.shape[0], b.comoment.shape[0]
+    if is_full(b):
+        ia, ib = pair_index(k)
+        eye = jnp.zeros((k, k, *ab.shape[1:]), ab.dtype).at[np.arange(k), np.arange(k)].set(own)
+        return eye.at[ia, ib].set(ab).at[ib, ia].set(ab if ba is None else ba)
+    self_pair = (b.rows[:, None] == jnp.arange(k)[None, :]).reshape(ka, k, *(1,) * (ab.ndim - 1))
+    return jnp.where(self_pair, own[:, None], ab.reshape(ka, k, *ab.shape[1:]))
+
+
+class Parts(NamedTuple):
+    """The per-neuron and per-direction values the moments metrics average, computed once for
+    the metrics, their top-k (`sslsim_jax.metrics.topk`) and the matched-neuron tables.
+
+    Attributes:
+        best, matched: [Ka, P, K] `neuron_best` (maxcorr), or None.
+        linreg: [Ka, P, K] `linreg_neurons`, or None.
+        cca: `CanonicalPairs` of the pairs `cca_index` lists (svcca, pwcca), or None.
+    """
+
+    best: jax.Array | None
+    matched: jax.Array | None
+    linreg: jax.Array | None
+    cca: CanonicalPairs | None
+
+
+def pair_parts(b: Blocks, s: Spectra | None, isd: jax.Array, *, metrics, width: int) -> Parts:
+    """The `Parts` that ``metrics`` (names; others are ignored) need, each computed once.
+
+    ``width``: the static SVD width of `canonical_pairs`.
+    """
+    best = matched = linreg = cca = None
+    if "maxcorr" in metrics:
+        best, matched = neuron_best(b, isd)
+    if "linreg" in metrics:
+        linreg = linreg_neurons(b, s)
+    if "svcca" in metrics or "pwcca" in metrics:
+        ia, ib, both = cca_index(b)
+        cca = canonical_pairs(b, s, ia, ib, width=width, weights="pwcca" in metrics, both=both)
+    return Parts(best, matched, linreg, cca)
+
+
+def pwcca_ratio(weight: jax.Array, rho: jax.Array) -> jax.Array:
+    """[n] Σ w·ρ / Σ w over the last axis (0 where every weight is 0)."""
+    total = jnp.sum(weight, axis=-1)
+    return jnp.where(total > 0, jnp.sum(weight * rho, axis=-1) / jnp.maximum(total, 1e-30), 0)
 
 
 def _procrustes(b: Blocks, ia: np.ndarray, ib: np.ndarray) -> jax.Array:
@@ -354,19 +350,11 @@ def _procrustes(b: Blocks, ia: np.ndarray, ib: np.ndarray) -> jax.Array:
 
 
 def procrustes_all(b: Blocks) -> jax.Array:
-    """[K, K] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb); NaN where a network has no variance."""
-    ia, ib = pair_index(b.valid.shape[0])
+    """[Ka, K] 2 − 2‖C_ab‖_* / sqrt(tr C_aa tr C_bb); NaN where a network has no variance."""
+    ia, ib, _ = cca_index(b)
     dist = _procrustes(b, ia, ib)
-    self_dist = jnp.where(jnp.sum(b.diag, axis=1) > 0, 0.0, jnp.nan).astype(dist.dtype)
-    return jnp.diag(self_dist).at[ia, ib].set(dist).at[ib, ia].set(dist)
-
-
-def procrustes_rows(b: Blocks) -> jax.Array:
-    """`procrustes_all` for a row block: [Ka, K] rows."""
-    ia, ib, self_pair = _row_pairs(b)
-    dist = _procrustes(b, ia, ib).reshape(self_pair.shape)
     self_dist = jnp.where(jnp.sum(b.diag, axis=1)[b.rows] > 0, 0.0, jnp.nan).astype(dist.dtype)
-    return jnp.where(self_pair, self_dist[:, None], dist)
+    return pair_matrix(b, dist, None, self_dist)
 
 
 def metric_matrices(
@@ -377,24 +365,35 @@ def metric_matrices(
     metrics: tuple[str, ...],
     width: int,
     norms: jax.Array | None = None,
+    parts: Parts | None = None,
 ) -> dict[str, jax.Array]:
-    """The requested metrics' [Ka, K] matrices (unordered pairs when ``b`` holds every row,
-    else every (row network, network) pair: `cca_rows`, `procrustes_rows`)."""
-    full = norms is None
+    """The requested metrics' [Ka, K] matrices (``b`` may be a row block, with ``norms``).
+
+    ``parts``: the `pair_parts` of ``metrics`` when already computed (e.g. for their top-k).
+    """
+    if parts is None:
+        parts = pair_parts(b, s, isd, metrics=metrics, width=width)
+    own = b.valid[b.rows][:, :, None]  # [Ka, P, 1]
     out = {}
     if "maxcorr" in metrics:
-        out["maxcorr"] = maxcorr_all(b, isd)
+        out["maxcorr"] = _pairs_defined(b, _masked_mean(parts.best, own, axis=1))
     if "linreg" in metrics:
-        out["linreg"] = linreg_all(b, s)
+        out["linreg"] = _pairs_defined(b, _masked_mean(parts.linreg, own, axis=1))
     if "svcca" in metrics or "pwcca" in metrics:
-        cca = cca_all if full else cca_rows
-        out["svcca"], out["pwcca"] = cca(b, s, width=width, pwcca="pwcca" in metrics)
+        c = parts.cca
+        one = jnp.ones(b.comoment.shape[0], c.rho.dtype)
+        sv = _masked_mean(c.rho, c.take, axis=1)
+        out["svcca"] = _pairs_defined(b, pair_matrix(b, sv, sv, one))
+        if "pwcca" in metrics:
+            ba = None if c.weight_ba is None else pwcca_ratio(c.weight_ba, c.rho)
+            pw = pair_matrix(b, pwcca_ratio(c.weight_ab, c.rho), ba, one)
+            out["pwcca"] = _pairs_defined(b, pw)
     if "linear_cka" in metrics:
         out["linear_cka"] = linear_cka_all(b, norms)
     if "debiased_cka" in metrics:
         out["debiased_cka"] = debiased_cka_all(b, norms)
     if "procrustes" in metrics:
-        out["procrustes"] = procrustes_all(b) if full else procrustes_rows(b)
+        out["procrustes"] = procrustes_all(b)
     return {k: v for k, v in out.items() if k in metrics}
 
 
@@ -511,12 +510,23 @@ def pair_metric(
 def linreg_neurons(b: Blocks, s: Spectra) -> jax.Array:
     """[Ka, P, K] √R² of predicting neuron i of row network a from all of network b.
 
-    The values `linreg_all` averages over a's valid neurons (0 for constant or padding ones).
+    The values the linreg metric averages over a's valid neurons (0 for constant or padding
+    ones): the squared row norms of C_ab Q_b, rows scaled to standardised a.
     """
-    # Same algebra as linreg_all: C_ab Q_b with rows scaled to standardised a.
-    proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=stats.matmul_precision())
-    proj = proj * s.inv_sd[b.rows][:, :, None, None]
-    r2 = jnp.clip(jnp.sum(proj**2, axis=3), 0, 1)  # [Ka, P, K]
+    prec = stats.matmul_precision()
+    if is_full(b):
+        # C_ab = C_baᵀ: contract network b's own row slab C[b] (contiguous, [P, K, P]) with
+        # Q_b, one network at a time, rather than the strided column slabs of every row.
+        def one(slab_q):
+            slab, q = slab_q
+            proj = jnp.einsum("qap,qr->apr", slab, q, precision=prec)
+            return jnp.sum(proj**2, axis=2)  # [K, P]
+
+        sq = jnp.moveaxis(jax.lax.map(one, (b.comoment, s.whiten)), 0, 2)  # [K, P, K]
+    else:
+        proj = jnp.einsum("apbq,bqr->apbr", b.comoment, s.whiten, precision=prec)
+        sq = jnp.sum(proj**2, axis=3)  # [Ka, P, K]
+    r2 = jnp.clip(sq * s.inv_sd[b.rows][:, :, None] ** 2, 0, 1)
     return jnp.where(b.valid[b.rows][:, :, None], jnp.sqrt(r2), 0)
 
 
@@ -548,9 +558,10 @@ def canonical_pairs(
 ) -> CanonicalPairs:
     """Per-direction canonical correlations (and PWCCA weights) of the pairs (ia, ib).
 
-    The same SVD of the whitened cross block of kept directions as `_cca_pairs`, returned before
-    averaging: ``svcca = mean(rho[take])``, ``pwcca = Σ weight·rho / Σ weight``. ``ia`` indexes
-    row blocks, ``ib`` networks (and row blocks too when ``both``).
+    One SVD per pair of the whitened cross block of the kept directions: ``svcca =
+    mean(rho[take])``, ``pwcca = Σ weight·rho / Σ weight``. ``ia`` indexes row blocks, ``ib``
+    networks (and row blocks too when ``both``). ``width`` (static) is how many leading
+    eigen-directions enter each SVD; any value at least ``max(s.kept)`` gives the same result.
     """
     keep = jnp.arange(width)[None, :] < s.kept[:, None]  # [K, W]
     qk = s.whiten[:, :, :width] * keep[:, None, :]  # [K, P, W]
@@ -559,6 +570,9 @@ def canonical_pairs(
     prec = stats.matmul_precision()
     # [n, W, P] @ [n, P, P] @ [n, P, W]: whitened cross block of kept directions.
     mat = jnp.einsum("npx,npq,nqy->nxy", qk[ga], cross, qk[ib], precision=prec)
+    # One batched SVD. (Splitting the pairs into SVDs of their own shapes, tried: 30 -> 16 s
+    # for 26 networks, but XLA:CPU then deadlocked on 2 cores, running them with the PWCCA
+    # products as independent ops.)
     u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
     m = jnp.minimum(s.kept[ga], s.kept[ib])  # [n]
     take = jnp.arange(width)[None, :] < m[:, None]  # [n, W]

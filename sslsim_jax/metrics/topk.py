@@ -125,6 +125,7 @@ def topk_matrices(
     metrics: tuple[str, ...],
     ks: tuple[float, ...],
     width: int,
+    parts: kernels.Parts | None = None,
 ) -> dict[str, jax.Array]:
     """Top-k of every pair: metric -> [Ka, K, len(ks)], from `kernels.metric_matrices`'s inputs.
 
@@ -138,43 +139,29 @@ def topk_matrices(
         isd: [K, P] `kernels.inv_sd` of every network.
         metrics: names among `TOPK_METRICS`.
         ks: fractions in (0, 1] (see `check_ks`).
-        width: leading eigen-directions entering each CCA (static; at least ``max(s.kept)``,
-            as for `kernels.metric_matrices`).
+        width: eigen-directions entering each CCA (static; as for `kernels.canonical_pairs`).
+        parts: `kernels.pair_parts` of at least ``metrics``, when already computed (for the
+            metrics themselves); else computed here.
 
     Returns:
         metric name -> [Ka, K, len(ks)] array.
     """
+    if parts is None:
+        parts = kernels.pair_parts(b, s, isd, metrics=metrics, width=width)
     out = {}
     own = b.valid[b.rows][:, None, :]  # [Ka, 1, P]: the row network's valid neurons
     if "maxcorr" in metrics:
-        best, _ = kernels.neuron_best(b, isd)  # [Ka, P, K]
-        out["maxcorr"] = _top_means(jnp.swapaxes(best, 1, 2), own, ks)
+        out["maxcorr"] = _top_means(jnp.swapaxes(parts.best, 1, 2), own, ks)
     if "linreg" in metrics:
-        r = kernels.linreg_neurons(b, s)  # [Ka, P, K]
-        out["linreg"] = _top_means(jnp.swapaxes(r, 1, 2), own, ks)
+        out["linreg"] = _top_means(jnp.swapaxes(parts.linreg, 1, 2), own, ks)
     if "svcca" in metrics or "pwcca" in metrics:
-        pwcca = "pwcca" in metrics
-        k = b.valid.shape[0]
-        full = b.comoment.shape[0] == k
-        # Unordered pairs, one SVD for both directions, when every row is here; else one SVD
-        # per (row network, network) pair, as `kernels.cca_rows`.
-        ia, ib = kernels.pair_index(k) if full else kernels._row_pairs(b)[:2]
-        pairs = kernels.canonical_pairs(b, s, ia, ib, width=width, weights=pwcca, both=full)
-        sv, pw_ab, pw_ba = _top_cca(pairs, ks, pwcca)
-        one = jnp.where(s.kept[b.rows] > 0, 1.0, jnp.nan).astype(sv.dtype)  # [Ka]
+        sv, pw_ab, pw_ba = _top_cca(parts.cca, ks, "pwcca" in metrics)
         # A network against itself: every canonical correlation is 1, so every top-k is 1.
-        diag = jnp.broadcast_to(one[:, None], (one.shape[0], len(ks)))
-        if full:
-            eye = jnp.zeros((k, k, len(ks)), sv.dtype).at[np.arange(k), np.arange(k)].set(diag)
-            out["svcca"] = eye.at[ia, ib].set(sv).at[ib, ia].set(sv)
-            if pwcca:
-                out["pwcca"] = eye.at[ia, ib].set(pw_ab).at[ib, ia].set(pw_ba)
-        else:
-            self_pair = (b.rows[:, None] == jnp.arange(k)[None, :])[:, :, None]
-            shape = (b.comoment.shape[0], k, len(ks))
-            out["svcca"] = jnp.where(self_pair, diag[:, None, :], sv.reshape(shape))
-            if pwcca:
-                out["pwcca"] = jnp.where(self_pair, diag[:, None, :], pw_ab.reshape(shape))
+        one = jnp.where(s.kept[b.rows] > 0, 1.0, jnp.nan).astype(sv.dtype)  # [Ka]
+        own_k = jnp.broadcast_to(one[:, None], (one.shape[0], len(ks)))
+        out["svcca"] = kernels.pair_matrix(b, sv, sv, own_k)
+        if "pwcca" in metrics:
+            out["pwcca"] = kernels.pair_matrix(b, pw_ab, pw_ba, own_k)
     return {m: v for m, v in out.items() if m in metrics}
 
 
@@ -306,7 +293,7 @@ def topk_all_from_moments(
     b, s, isd = kernels.prepare(
         m, variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral
     )
-    # As in `pairwise.compare_moments`: each pair's SVD needs only the most kept directions.
+    # As in `pairwise.compare_moments`: each pair's SVD needs only the kept directions.
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
     out = _stage2(b, s, isd, metrics=metrics, ks=ks, width=width)
     kernels.warn_degenerate(
