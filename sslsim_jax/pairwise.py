@@ -78,6 +78,20 @@ def check_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
     return registry.check_names(metrics, allowed=METRICS)
 
 
+def check_requests(
+    metrics: Sequence[str], topk: Sequence[str], ks: Sequence[float], *, neurons: bool
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[float, ...]]:
+    """The checked (metrics, topk, ks) of an all-pairs call (`compare_moments`,
+    `sslsim_jax.sharded.pairwise`). ``metrics`` may be empty when top-k or matched neurons are
+    asked for; "rbf_cka" is refused (it needs raw frames)."""
+    metrics = check_metrics(metrics) if metrics or not (topk or neurons) else ()
+    topk = check_topk(topk) if topk else ()
+    ks = check_ks(ks) if topk else ()
+    if "rbf_cka" in metrics:
+        raise ValueError("rbf_cka needs raw activations: use compare(...)")
+    return metrics, topk, ks
+
+
 def is_spectral(metrics: Sequence[str]) -> bool:
     """Whether any of ``metrics`` needs the per-network eigendecompositions."""
     return any(registry.get(m).spectral for m in metrics)
@@ -100,7 +114,8 @@ def compare_moments(
     Args:
         m: joint `stats.Moments` of the K networks.
         names: K network names (for warnings).
-        metrics: names among `METRICS` except "rbf_cka"; may be empty with ``topk``.
+        metrics: names among `METRICS` except "rbf_cka"; may be empty with ``topk`` or
+            ``neurons``.
         variance, variance_rule, rtol: SVCCA/PWCCA/linreg options (see `metrics.svcca`).
         neurons: also return "best", "matched" [K, P, K] (`kernels.neuron_best`) and "valid"
             [K, P].
@@ -112,11 +127,7 @@ def compare_moments(
         metric name -> [K, K] NumPy array, entry [a, b] = metric(network a, network b)
         (x-centric metrics: a in terms of b); and the entries ``neurons`` and ``topk`` ask for.
     """
-    metrics = check_metrics(metrics) if metrics or not topk else ()
-    topk = check_topk(topk) if topk else ()
-    ks = check_ks(ks) if topk else ()
-    if "rbf_cka" in metrics:
-        raise ValueError("rbf_cka needs raw activations: use compare(...)")
+    metrics, topk, ks = check_requests(metrics, topk, ks, neurons=neurons)
     if len(names) != len(m.sizes):
         raise ValueError(f"expected {len(m.sizes)} names, got {len(names)}")
     spectral = is_spectral((*metrics, *topk))

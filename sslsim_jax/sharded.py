@@ -273,26 +273,20 @@ def pairwise(
         layout: the `Layout` of m.
         mesh: a mesh whose ``"stats"`` axis has ``layout.shards`` devices.
         names: the K network names (warnings).
-        metrics: names among `sslsim_jax.pairwise.METRICS` except "rbf_cka".
+        metrics: names among `sslsim_jax.pairwise.METRICS` except "rbf_cka"; may be empty
+            with ``topk`` or ``neurons``.
         neurons: also return "best", "matched" [K, P, K] (as `kernels.neuron_best`) and
             "valid" [K, P].
         topk, ks: also return Wu et al.'s top-k of these metrics (`sslsim_jax.metrics.topk`)
-            at fractions ``ks``, as "topk:METRIC" [K, K, len(ks)]; ``metrics`` may then be
-            empty.
+            at fractions ``ks``, as "topk:METRIC" [K, K, len(ks)].
         variance, variance_rule, rtol: as in `sslsim_jax.pairwise.compare_moments`.
 
     Returns:
         metric name -> [K, K] NumPy array, as `sslsim_jax.pairwise.compare_moments`.
     """
-    from sslsim_jax.metrics.topk import check_ks
-    from sslsim_jax.metrics.topk import check_metrics as check_topk
-    from sslsim_jax.pairwise import check_metrics, is_spectral
+    from sslsim_jax.pairwise import check_requests, is_spectral
 
-    metrics = check_metrics(metrics) if metrics or not topk else ()
-    topk = check_topk(topk) if topk else ()
-    ks = check_ks(ks) if topk else ()
-    if "rbf_cka" in metrics:
-        raise ValueError("rbf_cka needs raw activations: use compare(...)")
+    metrics, topk, ks = check_requests(metrics, topk, ks, neurons=neurons)
     k, width = len(layout.sizes), layout.width
     if m.sizes != layout.padded_sizes:
         raise ValueError(f"expected statistics of sizes {layout.padded_sizes}, got {m.sizes}")

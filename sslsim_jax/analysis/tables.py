@@ -71,7 +71,7 @@ def pair_values(state: State, entries: Sequence[ModelEntry], settings: Settings)
         return pairwise_fn(entries, settings)(
             state.moments,
             network_names(entries),
-            metrics=metrics or ("linear_cka",),  # the neuron tables need some metric call
+            metrics=metrics,
             neurons=True,
             topk=topk,
             ks=DEFAULT_KS if topk else (),
@@ -259,9 +259,7 @@ def neuron_pairs(
     if values is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported with the similarity table
-            values = pairwise_fn(entries, settings)(
-                state.moments, names, metrics=("linear_cka",), neurons=True
-            )
+            values = pairwise_fn(entries, settings)(state.moments, names, metrics=(), neurons=True)
     best, matched = values["best"], values["matched"]  # [K, P, K]
     rows = []
     for i, name in enumerate(names):

@@ -177,9 +177,6 @@ def _topk_moments(m, *, metrics, ks, width, rtol, variance, variance_rule):
     return out, b.count, b.valid, b.real, b.diag
 
 
-_stage2 = jax.jit(topk_matrices, static_argnames=("metrics", "ks", "width"))
-
-
 def _check_options(variance: float, variance_rule: str) -> None:
     # Checked here as well as in `kernels.spectra`, so that maxcorr rejects them alike.
     if variance_rule not in kernels.VARIANCE_RULES:
@@ -270,9 +267,8 @@ def topk_all_from_moments(
 ) -> dict[str, np.ndarray]:
     """Top-k of every ordered pair of K networks, from their joint statistics.
 
-    The all-pairs counterpart of `topk_from_moments` (like `sslsim_jax.pairwise.compare_moments`
-    for the metrics): one ``eigh`` per network, one SVD per unordered pair, of width the largest
-    number of directions SVCCA keeps.
+    The all-pairs counterpart of `topk_from_moments`: `sslsim_jax.pairwise.compare_moments`
+    with ``topk`` (one ``eigh`` per network, one SVD per unordered pair).
 
     Args:
         m: joint `stats.Moments` of the K networks.
@@ -284,24 +280,14 @@ def topk_all_from_moments(
     Returns:
         metric -> [K, K, len(ks)] NumPy array; [a, b, i] = topk(network a, network b)[i].
     """
+    from sslsim_jax.pairwise import compare_moments  # pairwise builds on this module
+
     metrics = check_metrics(metrics)
-    ks = check_ks(ks)
     _check_options(variance, variance_rule)
-    if names is not None and len(names) != len(m.sizes):
-        raise ValueError(f"expected {len(m.sizes)} names, got {len(names)}")
-    spectral = bool(_SPECTRAL & set(metrics))
-    b, s, isd = kernels.prepare(
-        m, variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral
-    )
-    # As in `pairwise.compare_moments`: each pair's SVD needs only the kept directions.
-    width = max(1, int(jnp.max(s.kept))) if spectral else 1
-    out = _stage2(b, s, isd, metrics=metrics, ks=ks, width=width)
-    kernels.warn_degenerate(
-        b.count,
-        b.valid,
-        b.real,
-        b.diag,
-        rank_sensitive=spectral,
-        names=None if names is None else tuple(names),
-    )
-    return {k: np.asarray(v) for k, v in out.items()}
+    if names is None:
+        names = [f"network {i}" for i in range(len(m.sizes))]
+    out = compare_moments(
+        m, names, metrics=(), topk=metrics, ks=ks, variance=variance,
+        variance_rule=variance_rule, rtol=rtol,
+    )  # fmt: skip
+    return {metric: out[f"topk:{metric}"] for metric in metrics}
