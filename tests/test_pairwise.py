@@ -112,3 +112,31 @@ def test_metrics_topk_and_neurons_in_one_call_equal_pair_functions():
                 match = metrics.maxcorr(x, y)
                 np.testing.assert_allclose(got["best"][i, :, j], match.best, atol=1e-8)
                 np.testing.assert_array_equal(got["matched"][i, :, j], match.matched)
+
+
+def test_pair_svd_at_each_blocks_shape_equals_the_padded_svd():
+    """`kernels.pair_svd` factorises each matrix at its leading [rows, cols] block (on a CPU,
+    on the host): the first min(rows, cols) triplets are the padded SVD's, the rest 0, under
+    jit and vmap alike; a NaN block gives NaN singular values, not a crash."""
+    from sslsim_jax.metrics import kernels
+
+    rng = np.random.default_rng(3)
+    rows, cols = np.array([[5, 2, 7, 0], [7, 7, 3, 1]]), np.array([[3, 6, 7, 4], [7, 1, 2, 1]])
+    mat = np.zeros((2, 4, 7, 7), np.float32)
+    for i, j in np.ndindex(rows.shape):
+        mat[i, j, : rows[i, j], : cols[i, j]] = rng.normal(size=(rows[i, j], cols[i, j]))
+    u, s, vt = jax.jit(jax.vmap(kernels.pair_svd))(mat, rows, cols)
+    s_ref = np.linalg.svd(mat.astype(np.float64), compute_uv=False)
+    for i, j in np.ndindex(rows.shape):
+        k = min(rows[i, j], cols[i, j])
+        np.testing.assert_allclose(s[i, j, :k], s_ref[i, j, :k], rtol=1e-5, atol=1e-6)
+        assert not np.asarray(s[i, j, k:]).any()
+        # The triplets rebuild the matrix; vectors are orthonormal and 0 outside the block.
+        rebuilt = (u[i, j] * s[i, j]) @ vt[i, j]
+        np.testing.assert_allclose(rebuilt, mat[i, j], atol=1e-5)
+        np.testing.assert_allclose(u[i, j, :, :k].T @ u[i, j, :, :k], np.eye(k), atol=1e-5)
+        assert not np.asarray(u[i, j, rows[i, j] :]).any()
+        assert not np.asarray(vt[i, j, :, cols[i, j] :]).any()
+    mat[0, 0, 0, 0] = np.nan
+    s = kernels.pair_svd(jax.numpy.asarray(mat[0]), rows[0], cols[0])[1]
+    assert np.isnan(s[0, :3]).all() and np.isfinite(s[1:]).all()

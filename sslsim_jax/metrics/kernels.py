@@ -530,6 +530,57 @@ def linreg_neurons(b: Blocks, s: Spectra) -> jax.Array:
     return jnp.where(b.valid[b.rows][:, :, None], jnp.sqrt(r2), 0)
 
 
+def pair_svd(
+    mat: jax.Array, rows: jax.Array, cols: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVDs ``u [..., W, W], s [..., W], vt [..., W, W]`` of matrices that are zero
+    outside their leading ``[rows, cols]`` block (``rows``, ``cols``: [...] ints).
+
+    The first ``min(rows, cols)`` singular triplets are those of ``jnp.linalg.svd(mat)``;
+    the rest are 0 here (arbitrary there). On a CPU each matrix is factorised at its own shape
+    on the host (`_host_svd`): a pair keeping 300 of 700 directions costs 300²·700 flops, not
+    700³ (for the 26 networks of two base models, 29 % of the padded cost). Elsewhere one
+    batched SVD of the padded matrices (device solvers are fastest batched). Splitting the pairs
+    into XLA SVDs of their own shapes inside one program was tried first: as fast, but XLA:CPU
+    deadlocked on 2 cores running them beside the PWCCA products. float64 (x64 mode) stays in
+    XLA: a callback's results are converted under its own thread's x64 setting.
+    """
+    if jax.default_backend() != "cpu" or mat.dtype != jnp.float32:
+        return jnp.linalg.svd(mat, full_matrices=False)
+    out = (
+        jax.ShapeDtypeStruct(mat.shape, mat.dtype),
+        jax.ShapeDtypeStruct(mat.shape[:-1], mat.dtype),
+        jax.ShapeDtypeStruct(mat.shape, mat.dtype),
+    )
+    return jax.pure_callback(_host_svd, out, mat, rows, cols, vmap_method="broadcast_all")
+
+
+def _host_svd(mat: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+    """`pair_svd` on the host: LAPACK ``gesdd`` (scipy) on each leading block, zero-padded."""
+    import scipy.linalg
+
+    mat = np.asarray(mat)
+    flat = mat.reshape(-1, *mat.shape[-2:])
+    rows = np.broadcast_to(rows, mat.shape[:-2]).reshape(-1)
+    cols = np.broadcast_to(cols, mat.shape[:-2]).reshape(-1)
+    u, s, vt = np.zeros_like(flat), np.zeros(flat.shape[:-1], flat.dtype), np.zeros_like(flat)
+    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+        k = min(r, c)
+        if k <= 0:
+            continue
+        block = flat[i, :r, :c]
+        try:
+            ui, si, vti = scipy.linalg.svd(block, full_matrices=False, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):  # NaN input, or gesdd did not converge
+            try:
+                ui, si, vti = scipy.linalg.svd(block, full_matrices=False, lapack_driver="gesvd")
+            except (np.linalg.LinAlgError, ValueError):  # NaN: undefined, as on a device
+                s[i, :k] = np.nan
+                continue
+        u[i, :r, :k], s[i, :k], vt[i, :k, :c] = ui, si, vti
+    return u.reshape(mat.shape), s.reshape(mat.shape[:-1]), vt.reshape(mat.shape)
+
+
 class CanonicalPairs(NamedTuple):
     """Canonical correlations of n network pairs (a, b), the values SVCCA and PWCCA average.
 
@@ -570,10 +621,7 @@ def canonical_pairs(
     prec = stats.matmul_precision()
     # [n, W, P] @ [n, P, P] @ [n, P, W]: whitened cross block of kept directions.
     mat = jnp.einsum("npx,npq,nqy->nxy", qk[ga], cross, qk[ib], precision=prec)
-    # One batched SVD. (Splitting the pairs into SVDs of their own shapes, tried: 30 -> 16 s
-    # for 26 networks, but XLA:CPU then deadlocked on 2 cores, running them with the PWCCA
-    # products as independent ops.)
-    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
+    u, rho, vt = pair_svd(mat, s.kept[ga], s.kept[ib])
     m = jnp.minimum(s.kept[ga], s.kept[ib])  # [n]
     take = jnp.arange(width)[None, :] < m[:, None]  # [n, W]
     rho = jnp.where(take, jnp.clip(rho, 0, 1), 0)
