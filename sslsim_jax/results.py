@@ -28,11 +28,14 @@ can read a run's results.
 
 from __future__ import annotations
 
+import io
 import json
+import mmap
 import os
 import re
 import tempfile
 import threading
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +124,95 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary=False) -> None:
+class DirectWriter(io.RawIOBase):
+    """A write-only, unseekable stream to a file opened with ``O_DIRECT``, for checkpoints.
+
+    Buffered writes cost the kernel a page-cache copy: on a 2-core cloud VM, 4.7 s of CPU per
+    1.6 GB (``dd``), taken from the metrics that run while the last checkpoint is written.
+    ``O_DIRECT`` sends page-aligned blocks from this writer's buffer to the disk (0.4 s of CPU).
+    The tail is padded to a whole block and the file cut back to its length when closed, then
+    fsynced. `open` returns None where ``O_DIRECT`` is missing (macOS) or refused (tmpfs).
+    """
+
+    BLOCK = 1 << 12  # a multiple of every device's logical block size
+    SIZE = 1 << 26  # bytes gathered per write
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd, self._length, self._filled = fd, 0, 0
+        self._buffer = mmap.mmap(-1, self.SIZE)  # page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._buffer)
+
+    @classmethod
+    def open(cls, path: str) -> DirectWriter | None:
+        flag = getattr(os, "O_DIRECT", None)
+        if flag is None:
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | flag)
+        except OSError:
+            return None
+        try:
+            writer = cls(fd)
+            writer._flush_blocks(probe=True)  # a file system that refuses O_DIRECT writes
+        except OSError:
+            os.close(fd)
+            return None
+        return writer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        done = 0
+        while done < len(data):
+            take = min(len(data) - done, self.SIZE - self._filled)
+            self._view[self._filled : self._filled + take] = data[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == self.SIZE:
+                self._flush_blocks()
+        self._length += done
+        return done
+
+    def _flush_blocks(self, *, probe: bool = False) -> None:
+        """Writes the buffer's whole blocks (``probe``: one zero block, then rewinds)."""
+        if probe:
+            os.write(self._fd, self._view[: self.BLOCK])
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            return
+        whole = self._filled - self._filled % self.BLOCK
+        written = 0
+        while written < whole:
+            written += os.write(self._fd, self._view[written:whole])
+        rest = self._filled - whole
+        if whole:
+            self._view[:rest] = self._view[whole : self._filled]
+        self._filled = rest
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            tail = self._filled
+            if tail:  # the last, partial block: padded with zeros, then cut off
+                padded = -(-tail // self.BLOCK) * self.BLOCK
+                self._view[tail:padded] = bytes(padded - tail)
+                self._filled = padded
+                self._flush_blocks()
+            os.ftruncate(self._fd, self._length)
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._view.release()
+            self._buffer.close()
+            super().close()
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO], None], *, binary=False, direct=False
+) -> None:
     """Writes ``path`` whole or not at all: a temporary file in the same directory, fsync,
     then ``os.replace``. The file gets the permissions the umask gives (not mkstemp's 0600).
 
@@ -129,6 +220,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
         path: the file to write.
         write: called with the open temporary file.
         binary: open it in binary mode.
+        direct: (binary, large files) write around the page cache (`DirectWriter`) where the
+            file system allows it, else as usual.
 
     Raises:
         OSError: with the path in the message (a full disk says which file it was writing).
@@ -142,10 +235,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
     try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        writer = DirectWriter.open(tmp) if direct and binary else None
+        if writer is not None:
+            os.close(fd)
+            with writer:
+                write(writer)
+        else:
+            with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException as e:
@@ -154,6 +253,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
         if isinstance(e, OSError) and path not in str(e):
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def savez(file: IO, arrays: dict[str, np.ndarray], *, chunk: int = 1 << 26) -> None:
+    """``np.savez(file, **arrays)`` (an uncompressed ``.npz`` that `np.load` reads), written
+    from the arrays' own memory in ``chunk``-byte pieces.
+
+    `np.savez` copies each array in 16 MiB pieces while holding the GIL; here the only work
+    under the GIL is a call per piece (the CRC and the write release it), so a checkpoint
+    written on a background thread barely slows the Python work beside it (the metrics' host
+    SVDs): a 1.6 GB checkpoint beside the SVDs of 100 pairs, 10.9 -> 7.7 s for both.
+    """
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            array = array if array.flags.c_contiguous else array.copy()
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                header = np.lib.format.header_data_from_array_1_0(array)
+                np.lib.format.write_array_header_2_0(out, header)
+                data = memoryview(array.reshape(-1)).cast("B")
+                for start in range(0, len(data), chunk):
+                    out.write(data[start : start + chunk])
 
 
 def write_table(out_dir: str | os.PathLike, name: str, frame: pd.DataFrame) -> str:

@@ -205,7 +205,7 @@ def save_checkpoint(path: str, state: State) -> None:
         _save_split(split_path(path), state)
         return
     arrays = flatten(state)
-    results.atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+    results.atomic_write(path, lambda f: results.savez(f, arrays), binary=True, direct=True)
 
 
 def _orbax(state: State) -> bool:
