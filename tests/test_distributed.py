@@ -257,13 +257,33 @@ def test_two_processes_merge_statistics_like_one_pass():
             merged = merge_processes(state, settings)
             if shards > 1:  # still split over this process's devices
                 assert len(merged.moments.comoment.sharding.device_set) == 2
-                # and checkpointed by each process on its own (a .npz: orbax writes only
-                # arrays spanning every process), restored onto this process's devices
+                # and checkpointed by each process on its own, piece by piece (orbax writes
+                # only arrays spanning every process), restored onto this process's devices
                 path = os.path.join(tempfile.mkdtemp(), f"p{pid}.npz")
                 save_checkpoint(path, merged)
+                folder = path.removesuffix(".npz") + ".pieces"
+                assert not os.path.exists(path) and os.listdir(folder) == [str(merged.done)]
+                step = os.path.join(folder, str(merged.done))
+                d = merged.moments.comoment.shape[0]
+                for i in range(2):  # each device's rows of the co-moment, never all of them
+                    piece = np.load(os.path.join(step, f"moments.comoment.{i}.npy"))
+                    assert piece.shape == (d // 2, d), piece.shape
                 back = load_checkpoint(path, init_state(sizes, settings, [], mesh))
-                assert back.frames == int(w.sum()) and os.path.isfile(path)
+                assert back.frames == int(w.sum())
                 assert back.moments.comoment.sharding == merged.moments.comoment.sharding
+                np.testing.assert_array_equal(np.asarray(back.replicates.comoment),
+                                              np.asarray(merged.replicates.comoment))
+                # a newer checkpoint replaces the step; a damaged one is set aside, not used
+                save_checkpoint(path, dataclasses.replace(merged, done=merged.done + 1))
+                assert os.listdir(folder) == [str(merged.done + 1)]
+                with open(os.path.join(folder, str(merged.done + 1), "manifest.json"), "w") as f:
+                    f.write("{")
+                import warnings
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    empty = load_checkpoint(path, init_state(sizes, settings, [], mesh))
+                assert empty.done == 0 and os.path.isdir(folder + ".bad"), caught
+                assert "unreadable checkpoint" in str(caught[0].message)
                 merged = dataclasses.replace(back, heads=merged.heads)
             got = distributed.fetch_replicated(merged)
             assert got.frames == int(w.sum())
@@ -303,7 +323,8 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
 
 def test_two_processes_give_the_one_process_table(one_device, tmp_path):
     """Each process analyses its share of the 5 utterances (0, 2, 4 and 1, 3) on 2 devices;
-    process 0 writes the merged table, equal to the one-process one."""
+    process 0 writes the merged table, equal to the one-process one; likewise with the
+    statistics split over each process's devices (``stat_shards=2``)."""
     code = f"""
         import os
         import sys
@@ -321,10 +342,17 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
         analyze(models, demo_audio_paths(), out, Settings(**{SETTINGS!r}), progress=False,
                 report=False)
         assert os.path.isfile(out + "/similarities.csv") == (pid == 0)
+        # Statistics split over each process's 2 devices: checkpointed piece by piece.
+        analyze(models, demo_audio_paths(), out + "-split", Settings(**{SETTINGS!r}, stat_shards=2),
+                progress=False, report=False)
+        kept = os.listdir(out + "-split/.sslsim_state")
+        assert [k for k in kept if k.endswith(".pieces")] and not [
+            k for k in kept if k.endswith(".npz")], kept
         print("ok", pid)
         """
-    run_two_processes(code, devices=2, timeout=300)
+    run_two_processes(code, devices=2, timeout=400)
     assert_same_outputs(tmp_path / "p0", one_device)
+    assert_same_outputs(tmp_path / "p0-split", one_device)
     run = json.loads((tmp_path / "p0" / "run.json").read_text())
     assert run["processes"] == 2 and [u["path"] for u in run["utterances"]] == SPEECH
 

@@ -339,6 +339,8 @@ def _analyze_locked(
             state = merge_processes(state, settings)
 
             def owned(frame, a=("model_a", "layer_a"), b=("model_b", "layer_b"), p=p):
+                if len(plan.passes) == 1:  # one pass owns every pair
+                    return frame
                 ia = (frame[a[0]] + ":" + frame[a[1]]).map(index)
                 ib = (frame[b[0]] + ":" + frame[b[1]]).map(index)
                 keep = [p.owns(group_of, x, y) for x, y in zip(ia, ib, strict=True)]

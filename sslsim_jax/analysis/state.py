@@ -6,7 +6,8 @@ the settings that change the statistics); a run started again with the same argu
 continues after the last checkpointed batch and gives the same table as an uninterrupted run
 (batches are deterministic and merged in the same order). A checkpoint that cannot be read is
 reported by name and that run starts again from its first batch. Statistics split over devices
-(``stat_shards`` > 1) stay split and are checkpointed with orbax, shard by shard (one process).
+(``stat_shards`` > 1) stay split and are checkpointed shard by shard: with orbax in one
+process, as one ``.npy`` per device piece in a run of several (`_save_pieces`).
 
 Processes (after `sslsim_jax.distributed.initialize`): the statistics of all processes are
 merged by a collective on the mesh of every process's devices (`merge_processes`).
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,7 +124,12 @@ def flatten(state: State) -> dict[str, np.ndarray]:
 
 def _place(array: np.ndarray, like: Any) -> jax.Array:
     """``array`` on the devices of ``like`` when that is split over several (sharded
-    statistics: straight to their devices, never whole on one); else a default-device array."""
+    statistics: straight to their devices, never whole on one); else a default-device array.
+    An array of a piece folder (`_OnDisk`) is read piece by piece onto ``like``'s devices."""
+    if isinstance(array, _OnDisk):
+        if not is_split(like):
+            raise ValueError(f"{array.name} is split in the checkpoint, not in this run")
+        return array.place(like.sharding)
     if isinstance(like, jax.Array) and len(like.sharding.device_set) > 1:
         return jax.device_put(array, like.sharding)
     return jnp.asarray(array)
@@ -196,13 +203,16 @@ def save_checkpoint(path: str, state: State) -> None:
 
     Statistics split over devices (``stat_shards`` > 1) are written with orbax instead, each
     device's rows apart, into the directory `split_path` (``path`` stays absent): no host
-    assembles the whole matrix. Not in multi-process runs: orbax writes only arrays that span
-    every process, while each process checkpoints its own share on its own schedule; there a
-    process's statistics pass through its host memory into the ``.npz``.
+    assembles the whole matrix. In multi-process runs orbax writes only arrays that span every
+    process, while each process checkpoints its own share on its own schedule: there each
+    process writes its devices' pieces, one ``.npy`` each, into `pieces_path` (`_save_pieces`).
     """
     state = fetch(state)
     if _orbax(state):
         _save_split(split_path(path), state)
+        return
+    if _pieces(state):
+        _save_pieces(pieces_path(path), state)
         return
     arrays = flatten(state)
     results.atomic_write(path, lambda f: results.savez(f, arrays), binary=True, direct=True)
@@ -211,6 +221,108 @@ def save_checkpoint(path: str, state: State) -> None:
 def _orbax(state: State) -> bool:
     """Whether ``state``'s checkpoints are orbax folders (see `save_checkpoint`)."""
     return jax.process_count() == 1 and is_split(state.moments.comoment)
+
+
+def _pieces(state: State) -> bool:
+    """Whether ``state``'s checkpoints are piece folders (`_save_pieces`)."""
+    return jax.process_count() > 1 and is_split(state.moments.comoment)
+
+
+def pieces_path(path: str) -> str:
+    """The piece folder of the checkpoint ``path`` (``KEY.npz`` -> ``KEY.pieces``) of split
+    statistics in a multi-process run."""
+    return path.removesuffix(".npz") + ".pieces"
+
+
+def _save_pieces(directory: str, state: State) -> None:
+    """Writes this process's checkpoint of split statistics without assembling them: each
+    distinct device piece of a split array goes to its own ``.npy`` (one piece in host memory
+    at a time), the small arrays to ``rest.npz``, and ``manifest.json`` says which piece holds
+    which index range. A step folder named by the batches done is written under a temporary
+    name and renamed when whole (then older steps are removed), so a killed write leaves the
+    previous checkpoint intact."""
+    step = os.path.join(directory, str(state.done))
+    if os.path.isdir(step):
+        return  # this batch count is already written (the same statistics)
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=directory, prefix=f".{state.done}.", suffix=".partial")
+    manifest, rest = {}, {}
+    for name, x in _arrays(state).items():
+        if not is_split(x):
+            rest[name] = np.asarray(x)
+            continue
+        pieces = []
+        for shard in x.addressable_shards:
+            if shard.replica_id:  # the same rows on another "data" device
+                continue
+            file = f"{name}.{len(pieces)}.npy"
+            piece = np.asarray(shard.data)
+            results.atomic_write(
+                os.path.join(tmp, file), lambda f, a=piece: np.save(f, a), binary=True, direct=True
+            )
+            pieces.append({"file": file, "index": _index_ranges(shard.index, x.shape)})
+        manifest[name] = {"shape": list(x.shape), "dtype": str(x.dtype), "pieces": pieces}
+    results.atomic_write(
+        os.path.join(tmp, "rest.npz"), lambda f: results.savez(f, rest), binary=True
+    )
+    results.write_json(tmp, "manifest.json", manifest)
+    os.replace(tmp, step)
+    _fsync_directory(directory)
+    for old in os.listdir(directory):
+        if old.isdigit() and int(old) != state.done:
+            shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _index_ranges(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[list[int]]:
+    """A device piece's index (slices) as [[start, stop], ...] over every axis of ``shape``."""
+    return [list(s.indices(n)[:2]) for s, n in zip(index, shape, strict=True)]
+
+
+class _OnDisk:
+    """A split array of a piece folder, read piece by piece as it is placed (`_place`)."""
+
+    def __init__(self, directory: str, name: str, entry: dict) -> None:
+        self.shape = tuple(entry["shape"])
+        self.dtype = np.dtype(entry["dtype"])
+        self.name = name
+        self._files = {
+            tuple(map(tuple, p["index"])): os.path.join(directory, p["file"])
+            for p in entry["pieces"]
+        }
+
+    def place(self, sharding: jax.sharding.Sharding) -> jax.Array:
+        def piece(index):
+            key = tuple(map(tuple, _index_ranges(index, self.shape)))
+            if key not in self._files:
+                raise ValueError(f"{self.name}: no piece {list(key)} in the checkpoint")
+            data = np.load(self._files[key], mmap_mode="r")
+            want = tuple(b - a for a, b in key)
+            if data.shape != want or data.dtype != self.dtype:
+                raise ValueError(f"{self.name}: piece {list(key)} is {data.shape} {data.dtype}")
+            return data
+
+        return jax.make_array_from_callback(self.shape, sharding, piece)
+
+
+def _load_pieces(directory: str, template: State) -> State:
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    if not steps:
+        return template
+    step = os.path.join(directory, str(max(steps)))
+    with open(os.path.join(step, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    with np.load(os.path.join(step, "rest.npz")) as saved:
+        arrays: dict[str, Any] = {k: saved[k] for k in saved.files}
+    arrays |= {name: _OnDisk(step, name, entry) for name, entry in manifest.items()}
+    return restore(arrays, template)
 
 
 def split_path(path: str) -> str:
@@ -322,9 +434,9 @@ def load_checkpoint(path: str, template: State) -> State:
     ``path + ".bad"`` with a warning that names it, and the run starts from ``template``:
     a damaged checkpoint never blocks later runs and is never half used.
     """
-    split = _orbax(template)
-    if split:
-        path = split_path(path)
+    split, pieces = _orbax(template), _pieces(template)
+    if split or pieces:
+        path = split_path(path) if split else pieces_path(path)
         if not os.path.isdir(path):
             return template
     elif not os.path.isfile(path):
@@ -332,6 +444,8 @@ def load_checkpoint(path: str, template: State) -> State:
     try:
         if split:
             state = _load_split(path, template)
+        elif pieces:
+            state = _load_pieces(path, template)
         else:
             with np.load(path) as arrays:
                 loaded = {k: arrays[k] for k in arrays.files}
