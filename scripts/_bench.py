@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -46,3 +47,13 @@ def timed(
         fn()
         times.append(clock() - start)
     return statistics.median(times)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss does not: a child forked from a large parent inherits the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -22,8 +22,11 @@ import textwrap
 import numpy as np
 import soundfile as sf
 
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 CHILD = """
-import resource, sys
+import sys
+sys.path.insert(0, sys.argv[3])  # scripts/, for _bench
+from _bench import peak_rss
 from sslsim_jax import audio
 from sslsim_jax.analysis.inputs import prefetch
 folder, mode = sys.argv[1], sys.argv[2]
@@ -37,7 +40,7 @@ batches = audio.make_batches(lengths, batch_seconds=40.0)
 total = 0
 for samples in prefetch(batches, clips):
     total += sum(len(s) for s in samples)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+peak = peak_rss() / 2**20  # VmHWM, MiB
 print(f"{peak:.0f} {total * 4 / 2**20:.0f}")
 """
 
@@ -57,7 +60,7 @@ def main() -> None:
             peaks = {}
             for mode in ("streamed", "preloaded"):
                 out = subprocess.run(
-                    [sys.executable, "-c", textwrap.dedent(CHILD), folder, mode],
+                    [sys.executable, "-c", textwrap.dedent(CHILD), folder, mode, SCRIPTS],
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 peak, audio_mib = out.stdout.split()

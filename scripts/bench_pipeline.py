@@ -31,8 +31,9 @@ import soundfile as sf
 from _bench import machine
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {scripts!r})
+from _bench import peak_rss
 import jax
 from bench_scale import random_model
 from sslsim_jax import audio
@@ -60,7 +61,7 @@ with compile_log() as compiled:
         settings = Settings(metrics=metrics)
         analyze(models, folder, out, settings, progress=False, report=False)
 wall = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+peak = peak_rss() / 2**30  # VmHWM, GiB
 print("RESULT" + json.dumps({{"wall": wall, "peak": peak, **compiled}}))
 """
 

@@ -19,22 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
 
 METHODS = ("merge", "update", "upper")
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes: VmHWM, which starts afresh at exec (getrusage's
-    ru_maxrss does not: a child forked from a large parent inherits the parent's peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _setup(networks: int, width: int, frames: int):
@@ -95,6 +84,8 @@ def main(argv=None) -> int:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}"
     if args.peak_of:  # child: three updates, then the peak RSS in bytes
+        from _bench import peak_rss
+
         run(args.peak_of, args.networks, args.width, args.frames, 3)
         print(peak_rss())
         return 0
