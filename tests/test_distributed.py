@@ -100,7 +100,8 @@ def test_initialize_checks_its_flags():
 @pytest.mark.parametrize("stat_shards", [1, 4])
 def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat_shards):
     """Same analysis on 8 devices: 5 utterances, batches of 3 and 2 padded to 8; with
-    ``stat_shards=4`` the statistics are split over 4 devices (2 along "data")."""
+    ``stat_shards=4`` the statistics are split over 4 devices (2 along "data"), in one pass and
+    in several (``max_memory``)."""
     code = f"""
         import jax
         from sslsim_jax import demo, distributed
@@ -134,6 +135,17 @@ def test_eight_fake_devices_give_the_one_device_table(one_device, tmp_path, stat
                         report=False)
         ours = table[table.metric == "linear_cka"].value.to_numpy()
         assert (again[again.metric == "linear_cka"].value.to_numpy() == ours).all()
+        if {stat_shards} > 1:  # and in passes over groups of networks: the same table
+            for _, model in models:
+                del model.intermediates
+            passes = dataclasses.replace(settings, max_memory="4000000")
+            split = analyze(models, demo_audio_paths(), out + "-passes", passes, progress=False,
+                            report=False)
+            import json
+            plan = json.load(open(out + "-passes/run.json"))["plan"]
+            assert len(plan["passes"]) > 1, plan
+            import pandas as pd
+            pd.testing.assert_frame_equal(split, table, check_exact=False, rtol=1e-5, atol=1e-5)
         """
     run = run_on_devices(code, devices=8)
     assert run.returncode == 0, run.stderr[-3000:]
