@@ -28,6 +28,7 @@ can read a run's results.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import mmap
@@ -238,9 +239,16 @@ def atomic_write(
         writer = DirectWriter.open(tmp) if direct and binary else None
         if writer is not None:
             os.close(fd)
-            with writer:
-                write(writer)
-        else:
+            try:
+                with writer:
+                    write(writer)
+            except OSError as e:  # a file system that took the first block but not the rest
+                if e.errno != errno.EINVAL:
+                    raise
+                writer = None
+            if writer is None:  # written again, buffered
+                fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        if writer is None:
             with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
                 write(f)
                 f.flush()

@@ -462,3 +462,31 @@ def test_checkpoint_files_written_around_the_page_cache_hold_every_byte(
     assert path.read_bytes() == data.tobytes()
     assert len(used) == 1 and (direct or used[0] is None)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_direct_writes_refused_midway_are_written_again_buffered(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses a later write (EINVAL): the whole
+    file is written again through the page cache; other errors still fail the write."""
+    import errno
+
+    def refuse(self, data):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(results.DirectWriter, "write", refuse)
+    path = tmp_path / "ckpt.bin"
+    results.atomic_write(path, lambda f: f.write(b"abc" * 5000), binary=True, direct=True)
+    assert path.read_bytes() == b"abc" * 5000
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results.DirectWriter, "write", full)
+    (tmp_path / "probe").touch()
+    probe = results.DirectWriter.open(str(tmp_path / "probe"))
+    if probe is not None:  # O_DIRECT works on this file system
+        probe.close()
+        with pytest.raises(OSError, match="cannot write .*other.bin"):
+            results.atomic_write(tmp_path / "other.bin", lambda f: f.write(b"x"), direct=True,
+                                 binary=True)  # fmt: skip
+        assert not (tmp_path / "other.bin").exists()
+    assert not list(tmp_path.glob("*.partial"))
