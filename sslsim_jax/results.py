@@ -274,14 +274,19 @@ def savez(file: IO, arrays: dict[str, np.ndarray], *, chunk: int = 1 << 26) -> N
     """
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, array in arrays.items():
-            array = np.asarray(array)
-            array = array if array.flags.c_contiguous else array.copy()
             with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
-                header = np.lib.format.header_data_from_array_1_0(array)
-                np.lib.format.write_array_header_2_0(out, header)
-                data = memoryview(array.reshape(-1)).cast("B")
-                for start in range(0, len(data), chunk):
-                    out.write(data[start : start + chunk])
+                write_npy(out, array, chunk=chunk)
+
+
+def write_npy(file: IO, array: np.ndarray, *, chunk: int = 1 << 26) -> None:
+    """``np.save(file, array)`` from the array's own memory, in ``chunk``-byte pieces (see
+    `savez`)."""
+    array = np.asarray(array)
+    array = array if array.flags.c_contiguous else array.copy()
+    np.lib.format.write_array_header_2_0(file, np.lib.format.header_data_from_array_1_0(array))
+    data = memoryview(array.reshape(-1)).cast("B")
+    for start in range(0, len(data), chunk):
+        file.write(data[start : start + chunk])
 
 
 def write_table(out_dir: str | os.PathLike, name: str, frame: pd.DataFrame) -> str:

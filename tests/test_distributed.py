@@ -285,7 +285,9 @@ def test_two_processes_merge_statistics_like_one_pass():
                 assert back.moments.comoment.sharding == merged.moments.comoment.sharding
                 np.testing.assert_array_equal(np.asarray(back.replicates.comoment),
                                               np.asarray(merged.replicates.comoment))
-                # a newer checkpoint replaces the step; a damaged one is set aside, not used
+                # a newer checkpoint replaces the step (and a write killed before its rename
+                # is cleared); a damaged one is set aside, not used
+                os.makedirs(os.path.join(folder, ".9.killed.partial"))
                 save_checkpoint(path, dataclasses.replace(merged, done=merged.done + 1))
                 assert os.listdir(folder) == [str(merged.done + 1)]
                 with open(os.path.join(folder, str(merged.done + 1), "manifest.json"), "w") as f:
@@ -335,8 +337,8 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
 
 def test_two_processes_give_the_one_process_table(one_device, tmp_path):
     """Each process analyses its share of the 5 utterances (0, 2, 4 and 1, 3) on 2 devices;
-    process 0 writes the merged table, equal to the one-process one; likewise with the
-    statistics split over each process's devices (``stat_shards=2``)."""
+    process 0 writes the merged table, equal to the one-process one. Statistics split over
+    each process's devices (``stat_shards=2``) are refused on CPU devices (they hang)."""
     code = f"""
         import os
         import sys
@@ -354,17 +356,20 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
         analyze(models, demo_audio_paths(), out, Settings(**{SETTINGS!r}), progress=False,
                 report=False)
         assert os.path.isfile(out + "/similarities.csv") == (pid == 0)
-        # Statistics split over each process's 2 devices: checkpointed piece by piece.
-        analyze(models, demo_audio_paths(), out + "-split", Settings(**{SETTINGS!r}, stat_shards=2),
-                progress=False, report=False)
-        kept = os.listdir(out + "-split/.sslsim_state")
-        assert [k for k in kept if k.endswith(".pieces")] and not [
-            k for k in kept if k.endswith(".npz")], kept
+        # Statistics split over each process's devices: refused on CPU devices (it hangs in
+        # the sharded metric stage), before any model runs.
+        from sslsim_jax.analysis import AnalysisError
+        try:
+            analyze(models, demo_audio_paths(), out + "-split",
+                    Settings(**{SETTINGS!r}, stat_shards=2), progress=False, report=False)
+        except AnalysisError as e:
+            assert str(e).startswith("stat_shards: expected 1 with several processes"), e
+        else:
+            raise AssertionError("stat_shards=2 over two CPU processes was not refused")
         print("ok", pid)
         """
-    run_two_processes(code, devices=2, timeout=400)
+    run_two_processes(code, devices=2, timeout=300)
     assert_same_outputs(tmp_path / "p0", one_device)
-    assert_same_outputs(tmp_path / "p0-split", one_device)
     run = json.loads((tmp_path / "p0" / "run.json").read_text())
     assert run["processes"] == 2 and [u["path"] for u in run["utterances"]] == SPEECH
 

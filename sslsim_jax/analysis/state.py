@@ -258,7 +258,10 @@ def _save_pieces(directory: str, state: State) -> None:
             file = f"{name}.{len(pieces)}.npy"
             piece = np.asarray(shard.data)
             results.atomic_write(
-                os.path.join(tmp, file), lambda f, a=piece: np.save(f, a), binary=True, direct=True
+                os.path.join(tmp, file),
+                lambda f, a=piece: results.write_npy(f, a),
+                binary=True,
+                direct=True,
             )
             pieces.append({"file": file, "index": _index_ranges(shard.index, x.shape)})
         manifest[name] = {"shape": list(x.shape), "dtype": str(x.dtype), "pieces": pieces}
@@ -268,8 +271,8 @@ def _save_pieces(directory: str, state: State) -> None:
     results.write_json(tmp, "manifest.json", manifest)
     os.replace(tmp, step)
     _fsync_directory(directory)
-    for old in os.listdir(directory):
-        if old.isdigit() and int(old) != state.done:
+    for old in os.listdir(directory):  # older steps, and writes killed before their rename
+        if (old.isdigit() and int(old) != state.done) or old.endswith(".partial"):
             shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
 
 

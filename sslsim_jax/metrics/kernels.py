@@ -15,8 +15,11 @@ hold all K networks.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -530,6 +533,19 @@ def linreg_neurons(b: Blocks, s: Spectra) -> jax.Array:
     return jnp.where(b.valid[b.rows][:, :, None], jnp.sqrt(r2), 0)
 
 
+_HOST_SVD = contextvars.ContextVar("sslsim_host_svd", default=True)
+
+
+@contextlib.contextmanager
+def xla_svd() -> Iterator[None]:
+    """`pair_svd` traced inside this block uses XLA's batched SVD, never a host callback."""
+    token = _HOST_SVD.set(False)
+    try:
+        yield
+    finally:
+        _HOST_SVD.reset(token)
+
+
 def pair_svd(
     mat: jax.Array, rows: jax.Array, cols: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -543,9 +559,13 @@ def pair_svd(
     batched SVD of the padded matrices (device solvers are fastest batched). Splitting the pairs
     into XLA SVDs of their own shapes inside one program was tried first: as fast, but XLA:CPU
     deadlocked on 2 cores running them beside the PWCCA products. float64 (x64 mode) stays in
-    XLA: a callback's results are converted under its own thread's x64 setting.
+    XLA: a callback's results are converted under its own thread's x64 setting. So, to be safe,
+    do runs of several processes and programs traced under `xla_svd` (the sharded metrics, one
+    program over several devices, where XLA:CPU has deadlocked before): the callback is
+    measured and tested in one-device programs of one process only.
     """
-    if jax.default_backend() != "cpu" or mat.dtype != jnp.float32:
+    host = _HOST_SVD.get() and jax.process_count() == 1 and jax.default_backend() == "cpu"
+    if not host or mat.dtype != jnp.float32:
         return jnp.linalg.svd(mat, full_matrices=False)
     out = (
         jax.ShapeDtypeStruct(mat.shape, mat.dtype),
