@@ -155,7 +155,9 @@ class DirectWriter(io.RawIOBase):
             return None
         try:
             writer = cls(fd)
-            writer._flush_blocks(probe=True)  # a file system that refuses O_DIRECT writes
+            # A file system that opens with O_DIRECT but refuses its writes: one zero block.
+            os.write(fd, writer._view[: cls.BLOCK])
+            os.lseek(fd, 0, os.SEEK_SET)
         except OSError:
             os.close(fd)
             return None
@@ -177,12 +179,8 @@ class DirectWriter(io.RawIOBase):
         self._length += done
         return done
 
-    def _flush_blocks(self, *, probe: bool = False) -> None:
-        """Writes the buffer's whole blocks (``probe``: one zero block, then rewinds)."""
-        if probe:
-            os.write(self._fd, self._view[: self.BLOCK])
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            return
+    def _flush_blocks(self) -> None:
+        """Writes the buffer's whole blocks and keeps the rest at its start."""
         whole = self._filled - self._filled % self.BLOCK
         written = 0
         while written < whole:
