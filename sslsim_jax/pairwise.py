@@ -6,7 +6,8 @@ multiplied), then computes every metric for every ordered pair with batched kern
 `sslsim_jax.metrics.kernels`: one ``eigh`` per network (vmapped), one contraction per network
 for all linreg solves, one ``svd`` per unordered pair (batched; both CCA directions and PWCCA
 weights come from it), block norms for CKA. The per-pair SVD uses only as many eigen-directions
-as the largest number SVCCA keeps, so its cost follows the data's effective rank.
+as the largest number SVCCA keeps, so its cost follows the data's effective rank; on a CPU the
+CCA pairs run on the host, each at its own shape, on every core (`sslsim_jax.metrics.host`).
 `pair_values` computes each per-neuron or per-direction value once for the metrics, their top-k
 and the matched neurons.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from sslsim_jax import stats
-from sslsim_jax.metrics import kernels, registry
+from sslsim_jax.metrics import host, kernels, registry
 from sslsim_jax.metrics.representation import rbf_cka_matrix
 from sslsim_jax.metrics.topk import check_ks, topk_matrices
 from sslsim_jax.metrics.topk import check_metrics as check_topk
@@ -46,17 +47,20 @@ def pair_values(
     neurons: bool = False,
     topk: tuple[str, ...] = (),
     ks: tuple[float, ...] = (),
+    cca: kernels.CanonicalPairs | None = None,
 ) -> dict[str, jax.Array]:
     """The metric matrices, matched neurons and top-k of one set of statistics, from one
     `kernels.pair_parts`: each per-neuron or per-direction value (a linreg contraction, a CCA
-    SVD) is computed once for all three. Jit-compatible (keywords static except ``norms``).
+    SVD) is computed once for all three. Jit-compatible (keywords static except ``norms`` and
+    ``cca``, the CCA pairs when already computed: `needed` says which).
 
     Returns:
         metric -> [Ka, K]; with ``neurons`` also "best", "matched" [Ka, P, K]; with ``topk``
         also "topk:METRIC" [Ka, K, len(ks)].
     """
-    needed = (*metrics, *topk, *(("maxcorr",) if neurons else ()))
-    parts = kernels.pair_parts(b, s, isd, metrics=needed, width=width)
+    parts = kernels.pair_parts(
+        b, s, isd, metrics=needed(metrics, neurons, topk), width=width, cca=cca
+    )
     out = {}
     if metrics:
         out = kernels.metric_matrices(
@@ -71,6 +75,11 @@ def pair_values(
 
 
 _stage2 = jax.jit(pair_values, static_argnames=("metrics", "width", "neurons", "topk", "ks"))
+
+
+def needed(metrics: Sequence[str], neurons: bool, topk: Sequence[str]) -> tuple[str, ...]:
+    """The metrics whose per-pair parts (`kernels.pair_parts`) `pair_values` computes."""
+    return (*metrics, *topk, *(("maxcorr",) if neurons else ()))
 
 
 def check_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
@@ -139,7 +148,14 @@ def compare_moments(
     )
     # Each pair's SVD needs only the directions SVCCA keeps: its cost follows the data's rank.
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
-    out = _stage2(b, s, isd, metrics=metrics, width=width, neurons=neurons, topk=topk, ks=ks)
+    parts = needed(metrics, neurons, topk)
+    cca = None
+    if kernels.needs_cca(parts) and host.applies(b):  # each pair at its own shape, on the host
+        ia, ib, both = kernels.cca_index(b)
+        cca = host.canonical_pairs(b, s, ia, ib, width=width, weights="pwcca" in parts, both=both)
+    out = _stage2(
+        b, s, isd, metrics=metrics, width=width, neurons=neurons, topk=topk, ks=ks, cca=cca
+    )
     if neurons:
         out["valid"] = b.valid
     return {k: np.asarray(v) for k, v in out.items()}

@@ -246,11 +246,10 @@ def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neuron
     from sslsim_jax.pairwise import pair_values
 
     b = _local_blocks(m, width, diag, valid, real)
-    with kernels.xla_svd():  # no host callback in a program over several devices
-        return pair_values(
-            b, s, kernels.inv_sd(b), metrics=metrics, width=cca_width, norms=norms,
-            neurons=neurons, topk=topk, ks=ks,
-        )  # fmt: skip
+    return pair_values(
+        b, s, kernels.inv_sd(b), metrics=metrics, width=cca_width, norms=norms, neurons=neurons,
+        topk=topk, ks=ks,
+    )  # fmt: skip
 
 
 def pairwise(

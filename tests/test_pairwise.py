@@ -114,29 +114,74 @@ def test_metrics_topk_and_neurons_in_one_call_equal_pair_functions():
                 np.testing.assert_array_equal(got["matched"][i, :, j], match.matched)
 
 
-def test_pair_svd_at_each_blocks_shape_equals_the_padded_svd():
-    """`kernels.pair_svd` factorises each matrix at its leading [rows, cols] block (on a CPU,
-    on the host): the first min(rows, cols) triplets are the padded SVD's, the rest 0, under
-    jit and vmap alike; a NaN block gives NaN singular values, not a crash."""
-    from sslsim_jax.metrics import kernels
+def test_host_svd_equals_numpy_and_refuses_nan():
+    """`host.svd` (LAPACK gesdd through ctypes, GIL released) gives numpy's singular values and
+    triplets that rebuild the matrix, tall and wide, float32 and float64, also from threads;
+    a NaN matrix raises instead of giving numbers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sslsim_jax.metrics import host
 
     rng = np.random.default_rng(3)
-    rows, cols = np.array([[5, 2, 7, 0], [7, 7, 3, 1]]), np.array([[3, 6, 7, 4], [7, 1, 2, 1]])
-    mat = np.zeros((2, 4, 7, 7), np.float32)
-    for i, j in np.ndindex(rows.shape):
-        mat[i, j, : rows[i, j], : cols[i, j]] = rng.normal(size=(rows[i, j], cols[i, j]))
-    u, s, vt = jax.jit(jax.vmap(kernels.pair_svd))(mat, rows, cols)
-    s_ref = np.linalg.svd(mat.astype(np.float64), compute_uv=False)
-    for i, j in np.ndindex(rows.shape):
-        k = min(rows[i, j], cols[i, j])
-        np.testing.assert_allclose(s[i, j, :k], s_ref[i, j, :k], rtol=1e-5, atol=1e-6)
-        assert not np.asarray(s[i, j, k:]).any()
-        # The triplets rebuild the matrix; vectors are orthonormal and 0 outside the block.
-        rebuilt = (u[i, j] * s[i, j]) @ vt[i, j]
-        np.testing.assert_allclose(rebuilt, mat[i, j], atol=1e-5)
-        np.testing.assert_allclose(u[i, j, :, :k].T @ u[i, j, :, :k], np.eye(k), atol=1e-5)
-        assert not np.asarray(u[i, j, rows[i, j] :]).any()
-        assert not np.asarray(vt[i, j, :, cols[i, j] :]).any()
-    mat[0, 0, 0, 0] = np.nan
-    s = kernels.pair_svd(jax.numpy.asarray(mat[0]), rows[0], cols[0])[1]
-    assert np.isnan(s[0, :3]).all() and np.isfinite(s[1:]).all()
+    mats = [rng.normal(size=shape) for shape in [(7, 3), (3, 7), (40, 40), (1, 5), (90, 60)]]
+    for dtype, tol in [(np.float32, 1e-4), (np.float64, 1e-12)]:
+        with ThreadPoolExecutor(2) as pool:
+            out = list(pool.map(lambda x, d=dtype: host.svd(x.astype(d)), mats))
+        for x, (u, s, vt) in zip(mats, out, strict=True):
+            k = min(x.shape)
+            assert u.shape == (x.shape[0], k) and s.shape == (k,) and vt.shape == (k, x.shape[1])
+            assert u.dtype == s.dtype == vt.dtype == dtype
+            np.testing.assert_allclose(s, np.linalg.svd(x, compute_uv=False), rtol=tol)
+            np.testing.assert_allclose((u * s) @ vt, x, atol=tol * 10)
+            np.testing.assert_allclose(u.T @ u, np.eye(k), atol=tol * 10)
+    bad = mats[2].copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(np.linalg.LinAlgError):
+        host.svd(bad.astype(np.float32))
+
+
+def test_host_canonical_pairs_equal_the_padded_program():
+    """On the host each CCA pair is formed and factorised at its own kept shape, on threads:
+    correlations and PWCCA weights equal `kernels.canonical_pairs` (every pair padded to the
+    widest, in XLA), for the unordered pairs of all networks and for a row block's pairs; a
+    network with NaN statistics gives NaN correlations for its pairs only."""
+    from sslsim_jax.metrics import host, kernels
+
+    rng = np.random.default_rng(7)
+    # Shared directions of distinct strengths: distinct canonical correlations, so the
+    # singular vectors (and PWCCA weights) are defined up to sign.
+    latent = rng.normal(size=(400, 12)) * np.geomspace(3, 0.1, 12)
+    nets = []
+    for rank in (30, 6, 18, 30):  # different numbers of kept directions
+        basis = np.linalg.qr(rng.normal(size=(30, rank)))[0].T
+        own = rng.normal(size=(400, rank)) * np.linspace(3, 0.5, rank)
+        nets.append((own + latent @ rng.normal(size=(12, rank))) @ basis)
+    m = stats.joint_moments([jax.numpy.asarray(x, jax.numpy.float32) for x in nets])
+    b, s, _ = kernels.prepare(m, variance=0.99, variance_rule="below", rtol=None, spectral=True)
+    width = int(np.max(s.kept))
+    assert len(set(np.asarray(s.kept).tolist())) > 2
+    ia, ib, both = kernels.cca_index(b)
+    cases = [(ia, ib, both), (np.repeat(np.arange(4), 4), np.tile(np.arange(4), 4), False)]
+    for ia, ib, both in cases:
+        want = jax.jit(
+            lambda b, s, ia=ia, ib=ib, both=both: kernels.canonical_pairs(
+                b, s, ia, ib, width=width, weights=True, both=both
+            )
+        )(b, s)
+        got = host.canonical_pairs(b, s, ia, ib, width=width, weights=True, both=both)
+        np.testing.assert_array_equal(got.take, want.take)
+        np.testing.assert_allclose(got.rho, want.rho, atol=2e-5)
+        other = ia != ib  # a network with itself: every correlation 1, the vectors arbitrary
+        for g, w in [(got.weight_ab, want.weight_ab), (got.weight_ba, want.weight_ba)]:
+            if not both and g is None:
+                assert w is None
+                continue
+            np.testing.assert_allclose(g[other], w[other], atol=1e-4 * float(np.max(w)))
+    assert host.applies(b)
+    ia, ib, _ = cases[0]
+    bad = b._replace(comoment=b.comoment.at[0, 2, 1, 3].set(np.nan))  # pair (0, 1) only
+    got = host.canonical_pairs(bad, s, ia, ib, width=width, weights=False, both=True)
+    rho, take = np.asarray(got.rho), np.asarray(got.take)
+    hit = (ia == 0) & (ib == 1)
+    assert np.isnan(rho[hit][take[hit]]).all()
+    assert np.isfinite(rho[~hit]).all() and not rho[~hit][~take[~hit]].any()

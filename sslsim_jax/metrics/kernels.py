@@ -15,11 +15,8 @@ hold all K networks.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import warnings
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -322,17 +319,33 @@ class Parts(NamedTuple):
     cca: CanonicalPairs | None
 
 
-def pair_parts(b: Blocks, s: Spectra | None, isd: jax.Array, *, metrics, width: int) -> Parts:
+def needs_cca(metrics) -> bool:
+    """Whether ``metrics`` (names) need `canonical_pairs`."""
+    return "svcca" in metrics or "pwcca" in metrics
+
+
+def pair_parts(
+    b: Blocks,
+    s: Spectra | None,
+    isd: jax.Array,
+    *,
+    metrics,
+    width: int,
+    cca: CanonicalPairs | None = None,
+) -> Parts:
     """The `Parts` that ``metrics`` (names; others are ignored) need, each computed once.
 
-    ``width``: the static SVD width of `canonical_pairs`.
+    ``width``: the static SVD width of `canonical_pairs`. ``cca``: its result for
+    (``cca_index(b)``, ``weights="pwcca" in metrics``) when already computed (on the host).
     """
-    best = matched = linreg = cca = None
+    best = matched = linreg = None
     if "maxcorr" in metrics:
         best, matched = neuron_best(b, isd)
     if "linreg" in metrics:
         linreg = linreg_neurons(b, s)
-    if "svcca" in metrics or "pwcca" in metrics:
+    if not needs_cca(metrics):
+        cca = None
+    elif cca is None:
         ia, ib, both = cca_index(b)
         cca = canonical_pairs(b, s, ia, ib, width=width, weights="pwcca" in metrics, both=both)
     return Parts(best, matched, linreg, cca)
@@ -533,74 +546,6 @@ def linreg_neurons(b: Blocks, s: Spectra) -> jax.Array:
     return jnp.where(b.valid[b.rows][:, :, None], jnp.sqrt(r2), 0)
 
 
-_HOST_SVD = contextvars.ContextVar("sslsim_host_svd", default=True)
-
-
-@contextlib.contextmanager
-def xla_svd() -> Iterator[None]:
-    """`pair_svd` traced inside this block uses XLA's batched SVD, never a host callback."""
-    token = _HOST_SVD.set(False)
-    try:
-        yield
-    finally:
-        _HOST_SVD.reset(token)
-
-
-def pair_svd(
-    mat: jax.Array, rows: jax.Array, cols: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin SVDs ``u [..., W, W], s [..., W], vt [..., W, W]`` of matrices that are zero
-    outside their leading ``[rows, cols]`` block (``rows``, ``cols``: [...] ints).
-
-    The first ``min(rows, cols)`` singular triplets are those of ``jnp.linalg.svd(mat)``;
-    the rest are 0 here (arbitrary there). On a CPU each matrix is factorised at its own shape
-    on the host (`_host_svd`): a pair keeping 300 of 700 directions costs 300²·700 flops, not
-    700³ (for the 26 networks of two base models, 29 % of the padded cost). Elsewhere one
-    batched SVD of the padded matrices (device solvers are fastest batched). Splitting the pairs
-    into XLA SVDs of their own shapes inside one program was tried first: as fast, but XLA:CPU
-    deadlocked on 2 cores running them beside the PWCCA products. float64 (x64 mode) stays in
-    XLA: a callback's results are converted under its own thread's x64 setting. So, to be safe,
-    do runs of several processes and programs traced under `xla_svd` (the sharded metrics, one
-    program over several devices, where XLA:CPU has deadlocked before): the callback is
-    measured and tested in one-device programs of one process only.
-    """
-    host = _HOST_SVD.get() and jax.process_count() == 1 and jax.default_backend() == "cpu"
-    if not host or mat.dtype != jnp.float32:
-        return jnp.linalg.svd(mat, full_matrices=False)
-    out = (
-        jax.ShapeDtypeStruct(mat.shape, mat.dtype),
-        jax.ShapeDtypeStruct(mat.shape[:-1], mat.dtype),
-        jax.ShapeDtypeStruct(mat.shape, mat.dtype),
-    )
-    return jax.pure_callback(_host_svd, out, mat, rows, cols, vmap_method="broadcast_all")
-
-
-def _host_svd(mat: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-    """`pair_svd` on the host: LAPACK ``gesdd`` (scipy) on each leading block, zero-padded."""
-    import scipy.linalg
-
-    mat = np.asarray(mat)
-    flat = mat.reshape(-1, *mat.shape[-2:])
-    rows = np.broadcast_to(rows, mat.shape[:-2]).reshape(-1)
-    cols = np.broadcast_to(cols, mat.shape[:-2]).reshape(-1)
-    u, s, vt = np.zeros_like(flat), np.zeros(flat.shape[:-1], flat.dtype), np.zeros_like(flat)
-    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-        k = min(r, c)
-        if k <= 0:
-            continue
-        block = flat[i, :r, :c]
-        try:
-            ui, si, vti = scipy.linalg.svd(block, full_matrices=False, check_finite=False)
-        except (np.linalg.LinAlgError, ValueError):  # NaN input, or gesdd did not converge
-            try:
-                ui, si, vti = scipy.linalg.svd(block, full_matrices=False, lapack_driver="gesvd")
-            except (np.linalg.LinAlgError, ValueError):  # NaN: undefined, as on a device
-                s[i, :k] = np.nan
-                continue
-        u[i, :r, :k], s[i, :k], vt[i, :k, :c] = ui, si, vti
-    return u.reshape(mat.shape), s.reshape(mat.shape[:-1]), vt.reshape(mat.shape)
-
-
 class CanonicalPairs(NamedTuple):
     """Canonical correlations of n network pairs (a, b), the values SVCCA and PWCCA average.
 
@@ -641,7 +586,7 @@ def canonical_pairs(
     prec = stats.matmul_precision()
     # [n, W, P] @ [n, P, P] @ [n, P, W]: whitened cross block of kept directions.
     mat = jnp.einsum("npx,npq,nqy->nxy", qk[ga], cross, qk[ib], precision=prec)
-    u, rho, vt = pair_svd(mat, s.kept[ga], s.kept[ib])
+    u, rho, vt = jnp.linalg.svd(mat, full_matrices=False)
     m = jnp.minimum(s.kept[ga], s.kept[ib])  # [n]
     take = jnp.arange(width)[None, :] < m[:, None]  # [n, W]
     rho = jnp.where(take, jnp.clip(rho, 0, 1), 0)
