@@ -150,6 +150,8 @@ def compare_moments(
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
     parts = needed(metrics, neurons, topk)
     cca = None
+    if kernels.needs_cca(parts):
+        kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
     if kernels.needs_cca(parts) and host.applies(b):  # each pair at its own shape, on the host
         ia, ib, both = kernels.cca_index(b)
         cca = host.canonical_pairs(b, s, ia, ib, width=width, weights="pwcca" in parts, both=both)

@@ -308,6 +308,8 @@ def pairwise(
     kernels.warn_degenerate(
         m.count, valid[:k], real[:k], diag[:k], rank_sensitive=spectral, names=tuple(names)
     )
+    if kernels.needs_cca((*metrics, *topk)):
+        kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
     cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
     stage2 = functools.partial(
         _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk,

@@ -1,5 +1,6 @@
 """Tests of sslsim_jax.compare: all pairs at once equal the pair functions."""
 
+import re
 import warnings
 
 import jax
@@ -185,3 +186,33 @@ def test_host_canonical_pairs_equal_the_padded_program():
     hit = (ia == 0) & (ib == 1)
     assert np.isnan(rho[hit][take[hit]]).all()
     assert np.isfinite(rho[~hit]).all() and not rho[~hit][~take[~hit]].any()
+
+
+def test_svcca_capped_by_the_float32_rank_warns_and_float64_does_not():
+    """Activations with many weak directions: in float32 the variance rule asks for directions
+    below the numerical rank and SVCCA keeps fewer (a warning names the network and both
+    counts); float64 statistics resolve them, keep what the rule asks, and do not warn."""
+    from sslsim_jax.metrics import RankCapWarning
+
+    rng = np.random.default_rng(0)
+    n, p = 3000, 40
+    basis = np.linalg.qr(rng.normal(size=(p, p)))[0]
+    x = rng.normal(size=(n, p)) * np.r_[np.ones(4), np.full(p - 4, 3e-3)] @ basis
+    y = x @ rng.normal(size=(p, p)) + 0.1 * rng.normal(size=(n, p))
+    values = {}
+    for x64 in (False, True):
+        dtype = np.float64 if x64 else np.float32
+        with jax.enable_x64(x64), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            m = stats.joint_moments([jax.numpy.asarray(x, dtype), jax.numpy.asarray(y, dtype)])
+            values[x64] = compare_moments(m, ["x", "y"], metrics=("svcca",), variance=0.9999)
+            pair = metrics.svcca(x.astype(dtype), y.astype(dtype), variance=0.9999)
+        np.testing.assert_allclose(pair, values[x64]["svcca"][0, 1], rtol=1e-5)
+        capped = [str(w.message) for w in seen if w.category is RankCapWarning]
+        if x64:
+            assert not capped
+        else:
+            assert len(capped) == 2  # compare_moments and the pair function
+            kept, wanted = map(int, re.search(r"x: (\d+) of (\d+)", capped[0]).groups())
+            assert kept < wanted
+    assert abs(values[False]["svcca"][0, 1] - values[True]["svcca"][0, 1]) > 1e-3

@@ -6,7 +6,11 @@
 `topk`: Wu et al.'s top-k versions of maxcorr, linreg, svcca and pwcca.
 """
 
-from sslsim_jax.metrics.kernels import ConstantNeuronWarning, RankDeficiencyWarning
+from sslsim_jax.metrics.kernels import (
+    ConstantNeuronWarning,
+    RankCapWarning,
+    RankDeficiencyWarning,
+)
 from sslsim_jax.metrics.neuron import (
     NeuronMatch,
     correlations,
@@ -45,6 +49,7 @@ __all__ = [
     "TOPK_METRICS",
     "ConstantNeuronWarning",
     "NeuronMatch",
+    "RankCapWarning",
     "RankDeficiencyWarning",
     "correlations",
     "debiased_cka",

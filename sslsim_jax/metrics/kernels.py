@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -37,6 +38,11 @@ class ConstantNeuronWarning(UserWarning):
 
 class RankDeficiencyWarning(UserWarning):
     """Fewer frames than neurons: a network's co-moment is rank deficient."""
+
+
+class RankCapWarning(UserWarning):
+    """SVCCA/PWCCA kept fewer directions than their variance rule asks: the rest lie below the
+    numerical rank (ill-conditioned activations for the statistics' precision)."""
 
 
 class Blocks(NamedTuple):
@@ -73,7 +79,8 @@ class Spectra(NamedTuple):
             beyond it), so Qᵀ C Q is the identity on the rank.
         eigvals: [K, P] eigenvalues of the correlation co-moment, descending.
         rank: [K] numerical rank.
-        kept: [K] number of leading directions kept by the SVCCA variance rule.
+        kept: [K] number of leading directions kept by the SVCCA variance rule, at most rank.
+        wanted: [K] the number the variance rule asks for (above ``kept`` when capped).
     """
 
     inv_sd: jax.Array
@@ -81,6 +88,7 @@ class Spectra(NamedTuple):
     eigvals: jax.Array
     rank: jax.Array
     kept: jax.Array
+    wanted: jax.Array
 
 
 def check_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -210,8 +218,33 @@ def spectra(
         kept = jnp.maximum(below, 1)
     else:
         kept = jnp.minimum(below + 1, p)
-    kept = jnp.minimum(kept, rank)
-    return Spectra(inv_sd=isd, whiten=whiten, eigvals=lam, rank=rank, kept=kept)
+    return Spectra(
+        inv_sd=isd, whiten=whiten, eigvals=lam, rank=rank, kept=jnp.minimum(kept, rank), wanted=kept
+    )
+
+
+def warn_rank_capped(
+    kept: jax.Array, wanted: jax.Array, names: Sequence[str], *, variance: float
+) -> None:
+    """Warn (outside jit) when SVCCA/PWCCA keep fewer directions of a network than the variance
+    rule asks: float32 statistics of ill-conditioned activations (the deep layers of random or
+    collapsed models) put the rest below the numerical rank, and the values then differ from a
+    float64 computation's (by up to 0.02 seen on random base models). ``kept``, ``wanted``:
+    [K] `Spectra` fields; ``names``: the networks' (extra entries of padding are ignored)."""
+    if is_traced(kept, wanted):
+        return
+    kept, wanted = np.asarray(kept), np.asarray(wanted)
+    capped = [(n, k, w) for n, k, w in zip(names, kept, wanted, strict=False) if k < w]
+    if capped:
+        detail = ", ".join(f"{n}: {k} of {w}" for n, k, w in capped)
+        warnings.warn(
+            f"SVCCA/PWCCA keep fewer directions than the {variance:g} variance rule asks "
+            f"({detail}): the others' eigenvalues lie below these statistics' numerical rank "
+            "(rtol), so the values are less reliable; float64 statistics (jax_enable_x64), a "
+            "smaller rtol or a lower variance (--svcca-variance) avoid it",
+            RankCapWarning,
+            stacklevel=3,
+        )
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
@@ -508,14 +541,16 @@ def pair_metric(
     variance: float = 0.99,
     variance_rule: str = "below",
 ):
-    """Value [] of one metric for networks (0, 1) of m, with the masks needed for warnings.
+    """Value [] of one metric for networks (0, 1) of m, the masks `warn_degenerate` needs and
+    the `Spectra` (kept, wanted) counts `warn_rank_capped` needs (None unless spectral).
 
     The same dispatch as `compare` (`metric_matrices` with K = 2 and every eigen-direction).
     """
     b = blocks(m)
     s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
     value = metric_matrices(b, s, inv_sd(b), metrics=(metric,), width=b.valid.shape[1])[metric]
-    return value[0, 1], b.count, b.valid, b.real, b.diag
+    counts = None if s is None else (s.kept, s.wanted)
+    return value[0, 1], (b.count, b.valid, b.real, b.diag), counts
 
 
 # ---------------------------------------------------------------------------------------------

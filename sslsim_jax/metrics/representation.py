@@ -19,7 +19,9 @@ are treated as zero, so whitening uses the numerical rank: with N <= D (rank def
 is NaN. Canonical correlations are the singular values (``svd``) of the whitened cross block.
 Constant neurons (std below 8 ulps of their scale) are excluded from standardisation and
 neuron means; a `ConstantNeuronWarning` / `RankDeficiencyWarning` is issued once per call
-outside `jax.jit`. A network with no variance at all scores 0 (distance 2 for procrustes).
+outside `jax.jit`, and a `RankCapWarning` when SVCCA/PWCCA keep fewer directions than their
+variance rule asks because the others lie below the numerical rank. A network with no variance
+at all scores 0 (distance 2 for procrustes).
 
 Tolerances (tests): against float64 NumPy references, 1e-5 in float64 mode and 1e-4 in float32
 for well-conditioned data (condition number of the correlation matrix below ~1e3).
@@ -73,8 +75,11 @@ def _moments(x: jax.Array, y: jax.Array, where: jax.Array | None) -> stats.Momen
 
 def _from_moments(m: stats.Moments, metric: str, spectral: bool, **options) -> jax.Array:
     kernels.check_two(m)
-    value, *checks = kernels.pair_metric(m, metric=metric, spectral=spectral, **options)
+    value, checks, counts = kernels.pair_metric(m, metric=metric, spectral=spectral, **options)
     kernels.warn_degenerate(*checks, rank_sensitive=spectral)
+    if counts is not None and kernels.needs_cca((metric,)):
+        variance = options.get("variance", 0.99)
+        kernels.warn_rank_capped(*counts, ("x", "y"), variance=variance)
     return value
 
 
