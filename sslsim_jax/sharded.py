@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from sslsim_jax import stats
 from sslsim_jax.distributed import DATA, STATS
-from sslsim_jax.metrics import kernels, registry
+from sslsim_jax.metrics import host, kernels, registry
 
 __all__ = ["Layout", "init", "pairwise", "update", "update_replicates"]
 
@@ -242,14 +242,45 @@ def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
     return diag, valid, norms, s
 
 
-def _stage2(m, real, diag, valid, norms, s, *, width, metrics, cca_width, neurons, topk, ks):
+def _stage2(m, real, diag, valid, norms, s, cca, *, width, metrics, cca_width, neurons, topk, ks):
     from sslsim_jax.pairwise import pair_values
 
     b = _local_blocks(m, width, diag, valid, real)
     return pair_values(
         b, s, kernels.inv_sd(b), metrics=metrics, width=cca_width, norms=norms, neurons=neurons,
-        topk=topk, ks=ks,
+        topk=topk, ks=ks, cca=cca,
     )  # fmt: skip
+
+
+def _host_pairs(
+    m: stats.Moments, mesh: Mesh, s: kernels.Spectra, *, width: int, cca_width: int, weights: bool
+) -> kernels.CanonicalPairs | None:
+    """Each device's CCA pairs (its row block against every network, `kernels.cca_index`
+    order) computed on the host from its own co-moment rows, stacked along ``"stats"`` as
+    `_stage2` reads them; None unless every row block is a CPU buffer of this process. XLA's
+    SVD in a program over several CPU devices of one of several processes never finishes
+    (gloo); on the host each pair also runs at its own shape on every core."""
+    c = m.comoment
+    if not c.is_fully_addressable or any(d.platform != "cpu" for d in c.devices()):
+        return None
+    if c.dtype not in (jnp.float32, jnp.float64):
+        return None
+    k = len(m.sizes)
+    ka = c.shape[0] // width // mesh.shape[STATS]
+    ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
+    whiten, kept = jax.device_get((s.whiten, s.kept))
+    blocks = {}
+    for shard in c.addressable_shards:
+        start = shard.index[0].start or 0
+        rows = start // width + np.arange(ka)
+        local = np.asarray(shard.data).reshape(ka, width, k, width)  # a view on a CPU
+        blocks[start] = host.pairs(
+            local, rows, whiten, kept, ia, ib, width=cca_width, weights=weights, both=False
+        )
+    parts = [blocks[start] for start in sorted(blocks)]
+    stacked = [None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)]
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P(STATS)))
+    return kernels.CanonicalPairs(*(None if x is None else put(x) for x in stacked))
 
 
 def pairwise(
@@ -284,7 +315,7 @@ def pairwise(
     Returns:
         metric name -> [K, K] NumPy array, as `sslsim_jax.pairwise.compare_moments`.
     """
-    from sslsim_jax.pairwise import check_requests, is_spectral
+    from sslsim_jax.pairwise import check_requests, is_spectral, needed
 
     metrics, topk, ks = check_requests(metrics, topk, ks, neurons=neurons)
     k, width = len(layout.sizes), layout.width
@@ -308,9 +339,12 @@ def pairwise(
     kernels.warn_degenerate(
         m.count, valid[:k], real[:k], diag[:k], rank_sensitive=spectral, names=tuple(names)
     )
-    if kernels.needs_cca((*metrics, *topk)):
-        kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
+    parts = needed(metrics, neurons, topk)
     cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
+    cca = None
+    if kernels.needs_cca(parts):
+        kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
+        cca = _host_pairs(m, mesh, s, width=width, cca_width=cca_width, weights="pwcca" in parts)
     stage2 = functools.partial(
         _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk,
         ks=ks,
@@ -319,11 +353,11 @@ def pairwise(
         jax.shard_map(
             stage2,
             mesh=mesh,
-            in_specs=(m_spec, P(), P(), P(), P(), P()),
+            in_specs=(m_spec, P(), P(), P(), P(), P(), P(STATS)),
             out_specs=P(STATS),
             check_vma=False,
         )
-    )(m, real, diag, valid, norms, s)
+    )(m, real, diag, valid, norms, s, cca)
     results = {name: np.asarray(value)[:k, :k] for name, value in out.items() if value.ndim == 2}
     for name in topk:
         results[f"topk:{name}"] = np.asarray(out[f"topk:{name}"])[:k, :k]

@@ -337,8 +337,8 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
 
 def test_two_processes_give_the_one_process_table(one_device, tmp_path):
     """Each process analyses its share of the 5 utterances (0, 2, 4 and 1, 3) on 2 devices;
-    process 0 writes the merged table, equal to the one-process one. Statistics split over
-    each process's devices (``stat_shards=2``) are refused on CPU devices (they hang)."""
+    process 0 writes the merged table, equal to the one-process one, also with the statistics
+    split over each process's devices (``stat_shards=2``)."""
     code = f"""
         import os
         import sys
@@ -356,20 +356,15 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
         analyze(models, demo_audio_paths(), out, Settings(**{SETTINGS!r}), progress=False,
                 report=False)
         assert os.path.isfile(out + "/similarities.csv") == (pid == 0)
-        # Statistics split over each process's devices: refused on CPU devices (it hangs in
-        # the sharded metric stage), before any model runs.
-        from sslsim_jax.analysis import AnalysisError
-        try:
-            analyze(models, demo_audio_paths(), out + "-split",
-                    Settings(**{SETTINGS!r}, stat_shards=2), progress=False, report=False)
-        except AnalysisError as e:
-            assert str(e).startswith("stat_shards: expected 1 with several processes"), e
-        else:
-            raise AssertionError("stat_shards=2 over two CPU processes was not refused")
+        # Statistics split over each process's devices too (the CCA pairs of each device's
+        # rows on the host: XLA's SVD there never finished on CPU devices).
+        analyze(models, demo_audio_paths(), out + "-split",
+                Settings(**{SETTINGS!r}, stat_shards=2), progress=False, report=False)
         print("ok", pid)
         """
     run_two_processes(code, devices=2, timeout=300)
     assert_same_outputs(tmp_path / "p0", one_device)
+    assert_same_outputs(tmp_path / "p0-split", one_device)
     run = json.loads((tmp_path / "p0" / "run.json").read_text())
     assert run["processes"] == 2 and [u["path"] for u in run["utterances"]] == SPEECH
 

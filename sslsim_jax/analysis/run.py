@@ -285,23 +285,7 @@ def analyze(
         return _analyze(models, audio_source, out, settings, progress=progress, report=report)
 
 
-def check_processes(settings: Settings) -> None:
-    """Refuses what is known to hang: statistics split over devices (``stat_shards`` > 1) in
-    a run of several processes on CPU devices. The sharded metric stage, a program over each
-    process's own devices, then never finishes (seen with two processes of two devices each,
-    gloo CPU collectives). One process over many devices, or ``stat_shards`` 1 over many
-    processes, works; accelerators are not refused (untested)."""
-    if settings.stat_shards > 1 and jax.process_count() > 1 and jax.default_backend() == "cpu":
-        raise AnalysisError(
-            f"expected 1 with several processes on CPU devices, got {settings.stat_shards}: "
-            "split statistics hang in the metric stage there; run one process over the "
-            "devices, or use --max-memory to make passes instead",
-            argument="stat_shards",
-        )
-
-
 def _analyze(models, audio_source, out, settings: Settings, *, progress: bool, report: bool):
-    check_processes(settings)
     out = check_output_dir(out)
     with lock_output_dir(out), compile_log() as compiled:
         return _analyze_locked(

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslsim_jax import stats
 from sslsim_jax.metrics import kernels
 
 __all__ = ["applies", "canonical_pairs", "svd"]
@@ -117,16 +116,81 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "weights"))
-def _whiten_and_load(b: kernels.Blocks, s: kernels.Spectra, *, width: int, weights: bool):
-    """[K, P, W] whitening of each network's kept directions and, with ``weights``, the
-    [Ka, W, P] <U_w, x_q> loads of the row networks (as `kernels.canonical_pairs` forms them)."""
-    keep = jnp.arange(width)[None, :] < s.kept[:, None]
-    qk = s.whiten[:, :, :width] * keep[:, None, :]
-    if not weights:
-        return qk, None
-    prec = stats.matmul_precision()
-    return qk, jnp.einsum("kpw,kpq->kwq", qk[b.rows], kernels.own_blocks(b), precision=prec)
+def pairs(
+    comoment: np.ndarray,
+    rows: np.ndarray,
+    whiten: np.ndarray,
+    kept: np.ndarray,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    *,
+    width: int,
+    weights: bool,
+    both: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The NumPy core of `canonical_pairs`: (rho, take, weight_ab, weight_ba) [n, width].
+
+    Args:
+        comoment: [Ka, P, K, P] co-moment rows of the networks ``rows`` [Ka] (a view is fine).
+        whiten, kept: `kernels.Spectra` fields of all K networks.
+        ia, ib: the pairs (row block, network), as `kernels.cca_index` lists them.
+        width, weights, both: as in `kernels.canonical_pairs`.
+    """
+    ia, ib, rows, kept = (np.asarray(x) for x in (ia, ib, rows, kept))
+    dtype = comoment.dtype
+    ga = rows[ia]
+    ka, kb = kept[ga], kept[ib]
+    m = np.minimum(ka, kb)
+    n = len(ia)
+    qk = whiten[:, :, :width] * (np.arange(width)[None, None, :] < kept[:, None, None])
+    rho = np.zeros((n, width), dtype)
+    w_ab = np.zeros((n, width), dtype) if weights else None
+    w_ba = np.zeros((n, width), dtype) if weights and both else None
+    load = {}  # <U_w, x_q> [W, P] of the row blocks the weights need, each formed once
+
+    def loads(i: int, net: int) -> np.ndarray:
+        if i not in load:
+            load[i] = qk[net].T @ comoment[i, :, net, :]
+        return load[i]
+
+    def one(j: int) -> None:
+        if m[j] == 0:  # a padding network: nothing to correlate
+            return
+        qa, qb = qk[ga[j], :, : ka[j]], qk[ib[j], :, : kb[j]]
+        cross = comoment[ia[j], :, ib[j], :]  # [P, P], a strided view
+        if ka[j] <= kb[j]:
+            mat = (qa.T @ cross) @ qb
+        else:
+            mat = qa.T @ (cross @ qb)
+        try:
+            u, sv, vt = svd(mat)
+        except np.linalg.LinAlgError:  # NaN statistics: undefined, as on a device
+            rho[j, : m[j]] = np.nan
+            return
+        rho[j, : m[j]] = sv
+        if w_ab is not None:
+            w_ab[j, : m[j]] = np.abs(u.T @ loads(ia[j], ga[j])[: ka[j]]).sum(axis=1)
+        if w_ba is not None:  # both: ib indexes row blocks too
+            w_ba[j, : m[j]] = np.abs(vt @ loads(ib[j], rows[ib[j]])[: kb[j]]).sum(axis=1)
+
+    if weights:  # formed before the threads start, so no two threads form one
+        for i in np.unique(np.concatenate([ia, ib] if both else [ia])):
+            loads(int(i), int(rows[i]))
+    # The largest first, so the last pairs to finish are small ones.
+    order = np.argsort(-(ka.astype(np.int64) * kb * m), kind="stable")
+    workers = min(_workers(), max(n, 1))
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1 if workers > 1 else None, user_api="blas"):
+        if workers == 1:
+            for j in order:
+                one(int(j))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, order.tolist()))
+    take = np.arange(width)[None, :] < m[:, None]
+    rho = np.where(take, np.clip(rho, 0, 1), 0)  # NaN stays NaN
+    return rho, take, w_ab, w_ba
 
 
 def canonical_pairs(
@@ -145,54 +209,17 @@ def canonical_pairs(
     the cheaper association of the two products, and factorised; the values equal the padded
     program's to float rounding. A pair whose block is not finite gets NaN correlations.
     """
-    qk, load = jax.device_get(_whiten_and_load(b, s, width=width, weights=weights))
-    comoment = np.asarray(b.comoment)  # a view of the device buffer on a CPU
-    kept, rows = np.asarray(s.kept), np.asarray(b.rows)
-    ia, ib = np.asarray(ia), np.asarray(ib)
-    ga = rows[ia]
-    ka, kb = kept[ga], kept[ib]
-    m = np.minimum(ka, kb)
-    n = len(ia)
-    rho = np.zeros((n, width), comoment.dtype)
-    w_ab = np.zeros((n, width), comoment.dtype) if weights else None
-    w_ba = np.zeros((n, width), comoment.dtype) if weights and both else None
-
-    def one(j: int) -> None:
-        qa, qb = qk[ga[j], :, : ka[j]], qk[ib[j], :, : kb[j]]
-        cross = comoment[ia[j], :, ib[j], :]  # [P, P], a strided view
-        if ka[j] <= kb[j]:
-            mat = (qa.T @ cross) @ qb
-        else:
-            mat = qa.T @ (cross @ qb)
-        try:
-            u, sv, vt = svd(mat)
-        except np.linalg.LinAlgError:  # NaN statistics: undefined, as on a device
-            rho[j, : m[j]] = np.nan
-            return
-        rho[j, : m[j]] = sv
-        if w_ab is not None:
-            w_ab[j, : m[j]] = np.abs(u.T @ load[ia[j], : ka[j]]).sum(axis=1)
-        if w_ba is not None:
-            w_ba[j, : m[j]] = np.abs(vt @ load[ib[j], : kb[j]]).sum(axis=1)
-
-    # The largest first, so the last pairs to finish are small ones.
-    order = np.argsort(-(ka.astype(np.int64) * kb * m), kind="stable")
-    workers = min(_workers(), max(n, 1))
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1 if workers > 1 else None, user_api="blas"):
-        if workers == 1:
-            for j in order:
-                one(int(j))
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(one, order.tolist()))
-    take = np.arange(width)[None, :] < m[:, None]
-    rho = np.where(take, np.clip(rho, 0, 1), 0)  # NaN stays NaN
-    put = functools.partial(jax.device_put, device=next(iter(b.comoment.devices())))
-    return kernels.CanonicalPairs(
-        put(rho),
-        put(take),
-        None if w_ab is None else put(w_ab),
-        None if w_ba is None else put(w_ba),
+    whiten, kept = jax.device_get((s.whiten, s.kept))
+    out = pairs(
+        np.asarray(b.comoment),  # a view of the device buffer on a CPU
+        np.asarray(b.rows),
+        whiten,
+        kept,
+        ia,
+        ib,
+        width=width,
+        weights=weights,
+        both=both,
     )
+    device = next(iter(b.comoment.devices()))
+    return kernels.CanonicalPairs(*(None if x is None else jax.device_put(x, device) for x in out))
