@@ -7,7 +7,9 @@ one thread each (`threadpoolctl`), and the SVD is LAPACK's ``gesdd`` called with
 released. For the 26 networks of two base models (325 pairs keeping 135-692 directions) on 2
 cores: 7.0 s against 24 s for the padded XLA program. Same maths, same float32 products.
 
-`canonical_pairs` is the entry point; `applies` says whether statistics can take it.
+`canonical_pairs` is the entry point for `kernels.Blocks` on one device (`applies` says whether
+they can take it); `pairs` is its NumPy core, which `sslsim_jax.sharded` calls on each device's
+row block of split statistics.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from sslsim_jax.metrics import kernels
 
-__all__ = ["applies", "canonical_pairs", "svd"]
+__all__ = ["applies", "canonical_pairs", "pairs", "svd"]
 
 
 def applies(b: kernels.Blocks) -> bool:
