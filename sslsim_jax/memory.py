@@ -1,4 +1,5 @@
-"""Memory a run needs and memory this process may use: checks made before the first batch.
+"""Memory a run needs, and the memory and cores this process may use: checks made before the
+first batch.
 
 Estimates are in bytes, for float32 activations, from the shapes alone (no tracing): they are
 used to stop early with a message that names the setting to change, instead of an allocation
@@ -34,6 +35,7 @@ __all__ = [
     "check_forward_memory",
     "max_frames_that_fit",
     "available_memory",
+    "usable_cores",
     "device_memory",
     "bootstrap_bytes",
     "format_bytes",
@@ -267,6 +269,14 @@ def _cgroup_limit(cgroup_root: str, proc_cgroup: str) -> tuple[int, str] | None:
             if limit is not None:
                 candidates.append((limit, f"cgroup limit ({file})"))
     return min(candidates) if candidates else None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def available_memory(

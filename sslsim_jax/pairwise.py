@@ -152,9 +152,11 @@ def compare_moments(
     cca = None
     if kernels.needs_cca(parts):
         kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
-    if kernels.needs_cca(parts) and host.applies(b):  # each pair at its own shape, on the host
-        ia, ib, both = kernels.cca_index(b)
-        cca = host.canonical_pairs(b, s, ia, ib, width=width, weights="pwcca" in parts, both=both)
+        if host.applies(b):  # each pair at its own shape, on the host
+            ia, ib, both = kernels.cca_index(b)
+            cca = host.canonical_pairs(
+                b, s, ia, ib, width=width, weights="pwcca" in parts, both=both
+            )
     out = _stage2(
         b, s, isd, metrics=metrics, width=width, neurons=neurons, topk=topk, ks=ks, cca=cca
     )

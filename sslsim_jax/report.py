@@ -38,6 +38,7 @@ from matplotlib.figure import Figure
 
 from sslsim_jax import figures
 from sslsim_jax import results as results_schema
+from sslsim_jax.memory import usable_cores
 from sslsim_jax.metrics import registry
 from sslsim_jax.results import (
     CI_COLUMNS,
@@ -477,11 +478,7 @@ def report_workers() -> int:
         except ValueError:
             raise ValueError(f"SSLSIM_REPORT_WORKERS: expected an integer, got {value!r}") from None
         return max(workers, 1)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(cores, 8)
+    return min(usable_cores(), 8)
 
 
 class _Renderer:

@@ -261,9 +261,7 @@ def _host_pairs(
     SVD in a program over several CPU devices of one of several processes never finishes
     (gloo); on the host each pair also runs at its own shape on every core."""
     c = m.comoment
-    if not c.is_fully_addressable or any(d.platform != "cpu" for d in c.devices()):
-        return None
-    if c.dtype not in (jnp.float32, jnp.float64):
+    if not host.in_host_memory(c):
         return None
     k = len(m.sizes)
     ka = c.shape[0] // width // mesh.shape[STATS]

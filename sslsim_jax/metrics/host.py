@@ -16,28 +16,34 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslsim_jax.memory import usable_cores
 from sslsim_jax.metrics import kernels
 
-__all__ = ["applies", "canonical_pairs", "pairs", "svd"]
+__all__ = ["applies", "canonical_pairs", "in_host_memory", "pairs", "svd"]
+
+
+def in_host_memory(x: Any) -> bool:
+    """Whether ``x`` is a concrete float32/64 array whose buffers are all CPU buffers of this
+    process (so NumPy views of them cost no copy)."""
+    return (
+        isinstance(x, jax.Array)
+        and not kernels.is_traced(x)
+        and x.is_fully_addressable
+        and all(d.platform == "cpu" for d in x.devices())
+        and x.dtype in (jnp.float32, jnp.float64)
+    )
 
 
 def applies(b: kernels.Blocks) -> bool:
-    """Whether ``b``'s co-moment is a concrete float32/64 array on one CPU device."""
-    c = b.comoment
-    return (
-        isinstance(c, jax.Array)
-        and not kernels.is_traced(c)
-        and len(c.devices()) == 1
-        and next(iter(c.devices())).platform == "cpu"
-        and c.dtype in (jnp.float32, jnp.float64)
-    )
+    """Whether ``b``'s co-moment is in host memory (`in_host_memory`) on one device."""
+    return in_host_memory(b.comoment) and len(b.comoment.devices()) == 1
 
 
 @functools.cache
@@ -111,13 +117,6 @@ def svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return left, s, right
 
 
-def _workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def pairs(
     comoment: np.ndarray,
     rows: np.ndarray,
@@ -148,12 +147,10 @@ def pairs(
     rho = np.zeros((n, width), dtype)
     w_ab = np.zeros((n, width), dtype) if weights else None
     w_ba = np.zeros((n, width), dtype) if weights and both else None
-    load = {}  # <U_w, x_q> [W, P] of the row blocks the weights need, each formed once
-
-    def loads(i: int, net: int) -> np.ndarray:
-        if i not in load:
-            load[i] = qk[net].T @ comoment[i, :, net, :]
-        return load[i]
+    load = {}  # <U_w, x_q> [W, P] of each row block the weights need, formed once
+    if weights:
+        for i in np.unique(np.concatenate([ia, ib] if both else [ia])).tolist():
+            load[i] = qk[rows[i]].T @ comoment[i, :, rows[i], :]
 
     def one(j: int) -> None:
         if m[j] == 0:  # a padding network: nothing to correlate
@@ -171,16 +168,13 @@ def pairs(
             return
         rho[j, : m[j]] = sv
         if w_ab is not None:
-            w_ab[j, : m[j]] = np.abs(u.T @ loads(ia[j], ga[j])[: ka[j]]).sum(axis=1)
+            w_ab[j, : m[j]] = np.abs(u.T @ load[ia[j]][: ka[j]]).sum(axis=1)
         if w_ba is not None:  # both: ib indexes row blocks too
-            w_ba[j, : m[j]] = np.abs(vt @ loads(ib[j], rows[ib[j]])[: kb[j]]).sum(axis=1)
+            w_ba[j, : m[j]] = np.abs(vt @ load[ib[j]][: kb[j]]).sum(axis=1)
 
-    if weights:  # formed before the threads start, so no two threads form one
-        for i in np.unique(np.concatenate([ia, ib] if both else [ia])):
-            loads(int(i), int(rows[i]))
     # The largest first, so the last pairs to finish are small ones.
     order = np.argsort(-(ka.astype(np.int64) * kb * m), kind="stable")
-    workers = min(_workers(), max(n, 1))
+    workers = min(usable_cores(), max(n, 1))
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1 if workers > 1 else None, user_api="blas"):
