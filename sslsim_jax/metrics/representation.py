@@ -78,8 +78,7 @@ def _from_moments(m: stats.Moments, metric: str, spectral: bool, **options) -> j
     value, checks, counts = kernels.pair_metric(m, metric=metric, spectral=spectral, **options)
     kernels.warn_degenerate(*checks, rank_sensitive=spectral)
     if counts is not None and kernels.needs_cca((metric,)):
-        variance = options.get("variance", 0.99)
-        kernels.warn_rank_capped(*counts, ("x", "y"), variance=variance)
+        kernels.warn_rank_capped(*counts, ("x", "y"), variance=options["variance"])
     return value
 
 
