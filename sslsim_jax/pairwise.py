@@ -149,9 +149,10 @@ def compare_moments(
     # Each pair's SVD needs only the directions SVCCA keeps: its cost follows the data's rank.
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
     parts = needed(metrics, neurons, topk)
+    if spectral:
+        kernels.warn_rank_capped(kernels.rank_counts(s), names, metrics=parts, variance=variance)
     cca = None
     if kernels.needs_cca(parts):
-        kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
         if host.applies(b):  # each pair at its own shape, on the host
             ia, ib, both = kernels.cca_index(b)
             cca = host.canonical_pairs(

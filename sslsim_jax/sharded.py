@@ -339,9 +339,10 @@ def pairwise(
     )
     parts = needed(metrics, neurons, topk)
     cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
+    if spectral:
+        kernels.warn_rank_capped(kernels.rank_counts(s), names, metrics=parts, variance=variance)
     cca = None
     if kernels.needs_cca(parts):
-        kernels.warn_rank_capped(s.kept, s.wanted, names, variance=variance)
         cca = _host_pairs(m, mesh, s, width=width, cca_width=cca_width, weights="pwcca" in parts)
     stage2 = functools.partial(
         _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk,

@@ -1,5 +1,6 @@
 """Tests of sslsim_jax.metrics against float64 NumPy references written here (not library code)."""
 
+import re
 import warnings
 
 import jax
@@ -167,6 +168,46 @@ def test_float32_large_mean_within_1e4_of_float64():
         np.testing.assert_allclose(
             float(score(name, x, y)), refs[name](xd, yd), atol=1e-4, err_msg=name
         )
+
+
+def test_float32_linreg_of_ill_conditioned_networks_matches_float64():
+    """Neurons whose variances span 1 .. 1e-5 (the deep layers of real and random models are
+    this ill-conditioned), y a rotation of x: x's weak neurons are predicted only by y's weak
+    directions, which float32 statistics resolve and the default rank tolerance keeps. The
+    former default (10 · P · eps = 1.1e-4 here) dropped them: 0.83 for 1.0."""
+    rng = np.random.default_rng(0)
+    n, p = 2000, 96
+    xd = rng.normal(size=(n, p)) * np.geomspace(1, 3e-3, p)
+    yd = xd @ np.linalg.qr(rng.normal(size=(p, p)))[0] + 1e-5 * rng.normal(size=(n, p))
+    x, y = xd.astype(np.float32), yd.astype(np.float32)
+    for a, b, ad, bd in ((x, y, xd, yd), (y, x, yd, xd)):
+        np.testing.assert_allclose(float(metrics.linreg(a, b)), ref_linreg(ad, bd), atol=1e-3)
+    old = float(metrics.linreg(x, y, rtol=10 * p * float(np.finfo(np.float32).eps)))
+    assert ref_linreg(xd, yd) - old > 0.1
+    np.testing.assert_allclose(float(metrics.svcca(x, y)), ref_svcca(xd, yd), atol=1e-4)
+
+
+def test_float32_linreg_dropping_resolved_directions_warns():
+    """Neuron variances down to 2.5e-7: y's weakest directions lie between eps and the rank
+    tolerance (8 eps); the pseudo-inverse drops them, linreg falls short of float64 by 0.07,
+    and a RankCapWarning names y with its rank and resolved counts. Variances down to 1e-5
+    (previous test) lose nothing and do not warn."""
+    rng = np.random.default_rng(0)
+    n, p = 2000, 96
+    for low, warns in ((3e-3, False), (5e-4, True)):
+        xd = rng.normal(size=(n, p)) * np.geomspace(1, low, p)
+        yd = xd @ np.linalg.qr(rng.normal(size=(p, p)))[0] + 1e-5 * rng.normal(size=(n, p))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got = float(metrics.linreg(xd.astype(np.float32), yd.astype(np.float32)))
+        capped = [str(w.message) for w in seen if w.category is metrics.RankCapWarning]
+        assert bool(capped) == warns, capped
+        if warns:
+            rank, resolved = map(int, re.search(r"y: rank (\d+) of (\d+)", capped[0]).groups())
+            assert rank < resolved
+            assert ref_linreg(xd, yd) - got > 0.01
+        else:
+            np.testing.assert_allclose(got, ref_linreg(xd, yd), atol=1e-3)
 
 
 @pytest.mark.parametrize("name", TWINS)

@@ -41,8 +41,9 @@ class RankDeficiencyWarning(UserWarning):
 
 
 class RankCapWarning(UserWarning):
-    """SVCCA/PWCCA kept fewer directions than their variance rule asks: the rest lie below the
-    numerical rank (ill-conditioned activations for the statistics' precision)."""
+    """SVCCA/PWCCA kept fewer directions than their variance rule asks, or linreg dropped
+    directions its statistics resolve: they lie below the numerical rank (ill-conditioned
+    activations for the statistics' precision)."""
 
 
 class Blocks(NamedTuple):
@@ -81,6 +82,9 @@ class Spectra(NamedTuple):
         rank: [K] numerical rank.
         kept: [K] number of leading directions kept by the SVCCA variance rule, at most rank.
         wanted: [K] the number the variance rule asks for (above ``kept`` when capped).
+        resolved: [K] number of eigenvalues above eps(dtype) of the largest: what the statistics
+            resolve (their rounding noise lies below), above ``rank`` when the tolerance drops
+            some of them; ``rank`` when the frames do not outnumber the valid neurons.
     """
 
     inv_sd: jax.Array
@@ -89,6 +93,7 @@ class Spectra(NamedTuple):
     rank: jax.Array
     kept: jax.Array
     wanted: jax.Array
+    resolved: jax.Array
 
 
 def check_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -178,9 +183,17 @@ def own_sq(b: Blocks) -> jax.Array:
     return jnp.sum(own_blocks(b) ** 2, axis=(1, 2))
 
 
-def default_rtol(width: int, dtype) -> float:
-    """Relative eigenvalue tolerance of the correlation co-moment: 10 · P · eps(dtype)."""
-    return 10.0 * width * float(jnp.finfo(dtype).eps)
+# The default numerical rank of a correlation co-moment: eigenvalues above RTOL_EPS · eps(dtype)
+# of the largest. Streamed float32 statistics carry null-space eigenvalues of 1e-8 (one batch)
+# to 7e-8 (1000 batches) of the largest, float32 ``eigh`` adds none above that, and ill-
+# conditioned layers hold real directions down to 4e-7 (docs/benchmarks.md, "The numerical rank
+# of the statistics"; scripts/rank_tolerance.py): 8 · eps ≈ 9.5e-7 sits 13x above that noise.
+RTOL_EPS = 8.0
+
+
+def default_rtol(dtype) -> float:
+    """Relative eigenvalue tolerance of the correlation co-moment: `RTOL_EPS` · eps(dtype)."""
+    return RTOL_EPS * float(jnp.finfo(dtype).eps)
 
 
 def inv_sd(b: Blocks) -> jax.Array:
@@ -201,7 +214,7 @@ def spectra(
         raise ValueError(f"expected variance in (0, 1], got {variance}")
     p = b.valid.shape[1]
     if rtol is None:
-        rtol = default_rtol(p, b.comoment.dtype)
+        rtol = default_rtol(b.comoment.dtype)
     own = own_blocks(b)  # [Ka, P, P]
     isd = inv_sd(b)[b.rows]
     corr = own * isd[:, :, None] * isd[:, None, :]
@@ -210,6 +223,9 @@ def spectra(
     lam = jnp.maximum(lam, 0)
     in_rank = lam > rtol * lam[:, :1]
     rank = jnp.sum(in_rank, axis=1)
+    resolved = jnp.sum(lam > float(jnp.finfo(corr.dtype).eps) * lam[:, :1], axis=1)
+    # Rank deficient (frames <= neurons): linreg is 1 whatever the tolerance drops.
+    resolved = jnp.where(b.count > jnp.sum(b.valid[b.rows], axis=1), resolved, rank)
     whiten = vec * jnp.where(in_rank, jax.lax.rsqrt(jnp.where(in_rank, lam, 1)), 0)[:, None, :]
     whiten = isd[:, :, None] * whiten
     cum = jnp.cumsum(lam, axis=1)
@@ -219,32 +235,67 @@ def spectra(
     else:
         kept = jnp.minimum(below + 1, p)
     return Spectra(
-        inv_sd=isd, whiten=whiten, eigvals=lam, rank=rank, kept=jnp.minimum(kept, rank), wanted=kept
+        inv_sd=isd,
+        whiten=whiten,
+        eigvals=lam,
+        rank=rank,
+        kept=jnp.minimum(kept, rank),
+        wanted=kept,
+        resolved=resolved,
     )
 
 
+def rank_counts(s: Spectra) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The [K] counts `warn_rank_capped` reads: (kept, wanted, rank, resolved)."""
+    return s.kept, s.wanted, s.rank, s.resolved
+
+
 def warn_rank_capped(
-    kept: jax.Array, wanted: jax.Array, names: Sequence[str], *, variance: float
+    counts: tuple[jax.Array, ...],
+    names: Sequence[str],
+    *,
+    metrics: Sequence[str],
+    variance: float | None = None,
 ) -> None:
-    """Warn (outside jit) when SVCCA/PWCCA keep fewer directions of a network than the variance
-    rule asks: float32 statistics of ill-conditioned activations (the deep layers of random or
-    collapsed models) put the rest below the numerical rank, and the values then differ from a
-    float64 computation's (by up to 0.02 seen on random base models). ``kept``, ``wanted``:
-    [K] `Spectra` fields; ``names``: the networks' (extra entries of padding are ignored)."""
-    if is_traced(kept, wanted):
+    """Warn (outside jit) when the numerical rank (``rtol``) cuts directions a metric would use:
+
+    - SVCCA/PWCCA keep fewer directions of a network than the variance rule asks: float32
+      statistics of ill-conditioned activations (the deep layers of random or collapsed models)
+      put the rest below the numerical rank;
+    - linreg's pseudo-inverse drops directions whose eigenvalues the statistics resolve (above
+      eps of the largest, their rounding noise lying below) but the tolerance treats as zero.
+
+    The values then differ from a float64 computation's. ``counts``: `rank_counts` ([K] each);
+    ``names``: the networks' (extra entries of padding are ignored); ``metrics``: the names
+    computed; ``variance``: the SVCCA rule's (needed when SVCCA or PWCCA is among them).
+    """
+    if is_traced(*counts):
         return
-    kept, wanted = np.asarray(kept), np.asarray(wanted)
-    capped = [(n, k, w) for n, k, w in zip(names, kept, wanted, strict=False) if k < w]
-    if capped:
-        detail = ", ".join(f"{n}: {k} of {w}" for n, k, w in capped)
-        warnings.warn(
-            f"SVCCA/PWCCA keep fewer directions than the {variance:g} variance rule asks "
-            f"({detail}): the others' eigenvalues lie below these statistics' numerical rank "
-            "(rtol), so the values are less reliable; float64 statistics (jax_enable_x64), a "
-            "smaller rtol or a lower variance (--svcca-variance) avoid it",
-            RankCapWarning,
-            stacklevel=3,
-        )
+    kept, wanted, rank, resolved = (np.asarray(c) for c in counts)
+    if needs_cca(metrics):
+        capped = [(n, k, w) for n, k, w in zip(names, kept, wanted, strict=False) if k < w]
+        if capped:
+            detail = ", ".join(f"{n}: {k} of {w}" for n, k, w in capped)
+            warnings.warn(
+                f"SVCCA/PWCCA keep fewer directions than the {variance:g} variance rule asks "
+                f"({detail}): the others' eigenvalues lie below these statistics' numerical "
+                "rank (rtol), so the values are less reliable; float64 statistics "
+                "(jax_enable_x64), a smaller rtol or a lower variance (--svcca-variance) avoid it",
+                RankCapWarning,
+                stacklevel=3,
+            )
+    if "linreg" in metrics:
+        dropped = [(n, r, v) for n, r, v in zip(names, rank, resolved, strict=False) if r < v]
+        if dropped:
+            detail = ", ".join(f"{n}: rank {r} of {v}" for n, r, v in dropped)
+            warnings.warn(
+                f"linreg treats as zero directions these statistics resolve ({detail}): their "
+                f"eigenvalues lie between eps and the rank tolerance (rtol, {RTOL_EPS:g} eps) of "
+                "the largest, so linreg may be too low; float64 statistics (jax_enable_x64) keep "
+                "them",
+                RankCapWarning,
+                stacklevel=3,
+            )
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
@@ -542,14 +593,14 @@ def pair_metric(
     variance_rule: str = "below",
 ):
     """Value [] of one metric for networks (0, 1) of m, the masks `warn_degenerate` needs and
-    the `Spectra` (kept, wanted) counts `warn_rank_capped` needs (None unless spectral).
+    the `rank_counts` `warn_rank_capped` needs (None unless spectral).
 
     The same dispatch as `compare` (`metric_matrices` with K = 2 and every eigen-direction).
     """
     b = blocks(m)
     s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
     value = metric_matrices(b, s, inv_sd(b), metrics=(metric,), width=b.valid.shape[1])[metric]
-    counts = None if s is None else (s.kept, s.wanted)
+    counts = None if s is None else rank_counts(s)
     return value[0, 1], (b.count, b.valid, b.real, b.diag), counts
 
 

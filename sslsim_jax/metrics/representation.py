@@ -13,14 +13,16 @@ measure x in terms of y (a mean over x's neurons, resp. weights from x).
 Numerical method: co-moments come from `sslsim_jax.stats` (two-pass centred batches, Chan
 merge; float32 is within ~1e-5 of float64 even with |mean| / std = 1e4). CCA-type measures
 standardise each neuron and eigendecompose (``eigh``) each network's correlation co-moment once;
-eigenvalues at most ``rtol`` times the largest (default ``10 * P * eps``, P the wider network)
-are treated as zero, so whitening uses the numerical rank: with N <= D (rank deficient)
-``linreg`` is 1 (y interpolates every x neuron) and canonical correlations saturate, but nothing
-is NaN. Canonical correlations are the singular values (``svd``) of the whitened cross block.
-Constant neurons (std below 8 ulps of their scale) are excluded from standardisation and
-neuron means; a `ConstantNeuronWarning` / `RankDeficiencyWarning` is issued once per call
-outside `jax.jit`, and a `RankCapWarning` when SVCCA/PWCCA keep fewer directions than their
-variance rule asks because the others lie below the numerical rank. A network with no variance
+eigenvalues at most ``rtol`` times the largest (default ``8 * eps`` of the statistics'
+dtype, `kernels.RTOL_EPS`) are treated as zero, so whitening uses the numerical rank: with
+N <= D (rank deficient) ``linreg`` is 1 (y interpolates every x neuron) and canonical
+correlations saturate, but nothing is NaN. Canonical correlations are the singular values
+(``svd``) of the whitened cross block. Constant neurons (std below 8 ulps of their scale) are
+excluded from standardisation and neuron means; a `ConstantNeuronWarning` /
+`RankDeficiencyWarning` is issued once per call outside `jax.jit`, and a `RankCapWarning` when
+SVCCA/PWCCA keep fewer directions than their variance rule asks because the others lie below
+the numerical rank, or when linreg drops directions above eps that the statistics resolve. A
+network with no variance
 at all scores 0 (distance 2 for procrustes).
 
 Tolerances (tests): against float64 NumPy references, 1e-5 in float64 mode and 1e-4 in float32
@@ -77,8 +79,10 @@ def _from_moments(m: stats.Moments, metric: str, spectral: bool, **options) -> j
     kernels.check_two(m)
     value, checks, counts = kernels.pair_metric(m, metric=metric, spectral=spectral, **options)
     kernels.warn_degenerate(*checks, rank_sensitive=spectral)
-    if counts is not None and kernels.needs_cca((metric,)):
-        kernels.warn_rank_capped(*counts, ("x", "y"), variance=options["variance"])
+    if counts is not None:
+        kernels.warn_rank_capped(
+            counts, ("x", "y"), metrics=(metric,), variance=options.get("variance")
+        )
     return value
 
 
@@ -100,7 +104,7 @@ def linreg(
         x: [N, Dx] activations (predicted).
         y: [N, Dy] activations (predictors) of the same frames.
         where: optional [N] boolean frame mask or frequency weights.
-        rtol: relative eigenvalue tolerance of the pseudo-inverse (default 10 · P · eps).
+        rtol: relative eigenvalue tolerance of the pseudo-inverse (default 8 · eps).
 
     Returns:
         [] score in [0, 1]. x-centric.
@@ -147,7 +151,7 @@ def svcca(
         where: optional [N] boolean frame mask or frequency weights.
         variance: fraction of variance that decides how many directions are kept.
         variance_rule: "below" or "reach" (see above).
-        rtol: relative eigenvalue tolerance of the numerical rank (default 10 · P · eps).
+        rtol: relative eigenvalue tolerance of the numerical rank (default 8 · eps).
 
     Returns:
         [] score in [0, 1]. Symmetric.
@@ -193,7 +197,7 @@ def pwcca(
         where: optional [N] boolean frame mask or frequency weights.
         variance: fraction of variance that decides how many directions are kept.
         variance_rule: "below" or "reach" (see `svcca`).
-        rtol: relative eigenvalue tolerance of the numerical rank (default 10 · P · eps).
+        rtol: relative eigenvalue tolerance of the numerical rank (default 8 · eps).
 
     Returns:
         [] score in [0, 1]. x-centric.
