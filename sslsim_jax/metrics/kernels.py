@@ -272,30 +272,27 @@ def warn_rank_capped(
     if is_traced(*counts):
         return
     kept, wanted, rank, resolved = (np.asarray(c) for c in counts)
-    if needs_cca(metrics):
-        capped = [(n, k, w) for n, k, w in zip(names, kept, wanted, strict=False) if k < w]
-        if capped:
-            detail = ", ".join(f"{n}: {k} of {w}" for n, k, w in capped)
-            warnings.warn(
-                f"SVCCA/PWCCA keep fewer directions than the {variance:g} variance rule asks "
-                f"({detail}): the others' eigenvalues lie below these statistics' numerical "
-                "rank (rtol), so the values are less reliable; float64 statistics "
-                "(jax_enable_x64), a smaller rtol or a lower variance (--svcca-variance) avoid it",
-                RankCapWarning,
-                stacklevel=3,
-            )
-    if "linreg" in metrics:
-        dropped = [(n, r, v) for n, r, v in zip(names, rank, resolved, strict=False) if r < v]
-        if dropped:
-            detail = ", ".join(f"{n}: rank {r} of {v}" for n, r, v in dropped)
-            warnings.warn(
-                f"linreg treats as zero directions these statistics resolve ({detail}): their "
-                f"eigenvalues lie between eps and the rank tolerance (rtol, {RTOL_EPS:g} eps) of "
-                "the largest, so linreg may be too low; float64 statistics (jax_enable_x64) keep "
-                "them",
-                RankCapWarning,
-                stacklevel=3,
-            )
+
+    def short(have, want, label: str) -> str:  # "name: <label>have of want" where have < want
+        pairs = zip(names, have, want, strict=False)
+        return ", ".join(f"{n}: {label}{h} of {w}" for n, h, w in pairs if h < w)
+
+    messages = []
+    if needs_cca(metrics) and (detail := short(kept, wanted, "")):
+        messages.append(
+            f"SVCCA/PWCCA keep fewer directions than the {variance:g} variance rule asks "
+            f"({detail}): the others' eigenvalues lie below these statistics' numerical rank "
+            "(rtol), so the values are less reliable; float64 statistics (jax_enable_x64), a "
+            "smaller rtol or a lower variance (--svcca-variance) avoid it"
+        )
+    if "linreg" in metrics and (detail := short(rank, resolved, "rank ")):
+        messages.append(
+            f"linreg treats as zero directions these statistics resolve ({detail}): their "
+            f"eigenvalues lie between eps and the rank tolerance (rtol, {RTOL_EPS:g} eps) of the "
+            "largest, so linreg may be too low; float64 statistics (jax_enable_x64) keep them"
+        )
+    for message in messages:
+        warnings.warn(message, RankCapWarning, stacklevel=3)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
