@@ -191,6 +191,10 @@ def pwcca(
     in the reference code of Morcos et al. and Wu et al.; no re-orthonormalisation). score =
     Σ a_k ρ_k / Σ a_k. Works for Dx != Dy.
 
+    Not unique when canonical correlations coincide (y a rotation of x, say): any basis of
+    their variates is a valid SVD, and the weights, sums of absolute values, depend on it. On
+    such data float32 and float64 (or two SVD routines) may differ by ~3e-3; SVCCA does not.
+
     Args:
         x: [N, Dx] activations (the side whose weights are used).
         y: [N, Dy] activations of the same frames.
