@@ -150,7 +150,9 @@ def compare_moments(
     width = max(1, int(jnp.max(s.kept))) if spectral else 1
     parts = needed(metrics, neurons, topk)
     if spectral:
-        kernels.warn_rank_capped(kernels.rank_counts(s), names, metrics=parts, variance=variance)
+        kernels.warn_rank_capped(
+            kernels.rank_counts(s), names, metrics=parts, frames=b.count, variance=variance
+        )
     cca = None
     if kernels.needs_cca(parts):
         if host.applies(b):  # each pair at its own shape, on the host

@@ -340,7 +340,9 @@ def pairwise(
     parts = needed(metrics, neurons, topk)
     cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
     if spectral:
-        kernels.warn_rank_capped(kernels.rank_counts(s), names, metrics=parts, variance=variance)
+        kernels.warn_rank_capped(
+            kernels.rank_counts(s), names, metrics=parts, frames=m.count, variance=variance
+        )
     cca = None
     if kernels.needs_cca(parts):
         cca = _host_pairs(m, mesh, s, width=width, cca_width=cca_width, weights="pwcca" in parts)

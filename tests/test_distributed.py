@@ -326,6 +326,11 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
     procs = [subprocess.Popen([*command, str(pid), port], **pipes) for pid in (0, 1)]
     try:
         results = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [f"process {pid}: " + p.communicate()[1][-2000:] for pid, p in enumerate(procs)]
+        pytest.fail(f"two processes still running after {timeout} s\n" + "\n".join(tails))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -82,9 +82,6 @@ class Spectra(NamedTuple):
         rank: [K] numerical rank.
         kept: [K] number of leading directions kept by the SVCCA variance rule, at most rank.
         wanted: [K] the number the variance rule asks for (above ``kept`` when capped).
-        resolved: [K] number of eigenvalues above eps(dtype) of the largest: what the statistics
-            resolve (their rounding noise lies below), above ``rank`` when the tolerance drops
-            some of them; ``rank`` when the frames do not outnumber the valid neurons.
     """
 
     inv_sd: jax.Array
@@ -93,7 +90,6 @@ class Spectra(NamedTuple):
     rank: jax.Array
     kept: jax.Array
     wanted: jax.Array
-    resolved: jax.Array
 
 
 def check_pair(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -223,9 +219,6 @@ def spectra(
     lam = jnp.maximum(lam, 0)
     in_rank = lam > rtol * lam[:, :1]
     rank = jnp.sum(in_rank, axis=1)
-    resolved = jnp.sum(lam > float(jnp.finfo(corr.dtype).eps) * lam[:, :1], axis=1)
-    # Rank deficient (frames <= neurons): linreg is 1 whatever the tolerance drops.
-    resolved = jnp.where(b.count > jnp.sum(b.valid[b.rows], axis=1), resolved, rank)
     whiten = vec * jnp.where(in_rank, jax.lax.rsqrt(jnp.where(in_rank, lam, 1)), 0)[:, None, :]
     whiten = isd[:, :, None] * whiten
     cum = jnp.cumsum(lam, axis=1)
@@ -241,13 +234,12 @@ def spectra(
         rank=rank,
         kept=jnp.minimum(kept, rank),
         wanted=kept,
-        resolved=resolved,
     )
 
 
 def rank_counts(s: Spectra) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The [K] counts `warn_rank_capped` reads: (kept, wanted, rank, resolved)."""
-    return s.kept, s.wanted, s.rank, s.resolved
+    """What `warn_rank_capped` reads: (kept, wanted, rank) [K] each and eigvals [K, P]."""
+    return s.kept, s.wanted, s.rank, s.eigvals
 
 
 def warn_rank_capped(
@@ -255,6 +247,7 @@ def warn_rank_capped(
     names: Sequence[str],
     *,
     metrics: Sequence[str],
+    frames: jax.Array,
     variance: float | None = None,
 ) -> None:
     """Warn (outside jit) when the numerical rank (``rtol``) cuts directions a metric would use:
@@ -265,13 +258,18 @@ def warn_rank_capped(
     - linreg's pseudo-inverse drops directions whose eigenvalues the statistics resolve (above
       eps of the largest, their rounding noise lying below) but the tolerance treats as zero.
 
-    The values then differ from a float64 computation's. ``counts``: `rank_counts` ([K] each);
+    The values then differ from a float64 computation's. ``counts``: `rank_counts`;
     ``names``: the networks' (extra entries of padding are ignored); ``metrics``: the names
-    computed; ``variance``: the SVCCA rule's (needed when SVCCA or PWCCA is among them).
+    computed; ``frames``: the (weighted) frame count, which bounds the true rank (frames − 1);
+    ``variance``: the SVCCA rule's (needed when SVCCA or PWCCA is among them).
     """
-    if is_traced(*counts):
+    if is_traced(*counts, frames):
         return
-    kept, wanted, rank, resolved = (np.asarray(c) for c in counts)
+    kept, wanted, rank, lam = (np.asarray(c) for c in counts)
+    # What the statistics resolve: eigenvalues above eps of the largest (their rounding noise
+    # lies below), never more than frames - 1 (beyond, it is noise and linreg is 1 anyway).
+    resolved = np.sum(lam > np.finfo(lam.dtype).eps * lam[:, :1], axis=1)
+    resolved = np.minimum(resolved, max(int(np.asarray(frames)) - 1, 0))
 
     def short(have, want, label: str) -> str:  # "name: <label>have of want" where have < want
         pairs = zip(names, have, want, strict=False)

@@ -81,8 +81,9 @@ def _from_moments(m: stats.Moments, metric: str, spectral: bool, **options) -> j
     kernels.warn_degenerate(*checks, rank_sensitive=spectral)
     if counts is not None:
         kernels.warn_rank_capped(
-            counts, ("x", "y"), metrics=(metric,), variance=options.get("variance")
-        )
+            counts, ("x", "y"), metrics=(metric,), frames=checks[0],
+            variance=options.get("variance"),
+        )  # fmt: skip
     return value
 
 
