@@ -154,12 +154,9 @@ def compare_moments(
             kernels.rank_counts(s), names, metrics=parts, frames=b.count, variance=variance
         )
     cca = None
-    if kernels.needs_cca(parts):
-        if host.applies(b):  # each pair at its own shape, on the host
-            ia, ib, both = kernels.cca_index(b)
-            cca = host.canonical_pairs(
-                b, s, ia, ib, width=width, weights="pwcca" in parts, both=both
-            )
+    if kernels.needs_cca(parts) and host.applies(b):  # each pair at its own shape, on the host
+        ia, ib, both = kernels.cca_index(b)
+        cca = host.canonical_pairs(b, s, ia, ib, width=width, weights="pwcca" in parts, both=both)
     out = _stage2(
         b, s, isd, metrics=metrics, width=width, neurons=neurons, topk=topk, ks=ks, cca=cca
     )

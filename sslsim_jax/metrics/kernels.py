@@ -228,12 +228,7 @@ def spectra(
     else:
         kept = jnp.minimum(below + 1, p)
     return Spectra(
-        inv_sd=isd,
-        whiten=whiten,
-        eigvals=lam,
-        rank=rank,
-        kept=jnp.minimum(kept, rank),
-        wanted=kept,
+        inv_sd=isd, whiten=whiten, eigvals=lam, rank=rank, kept=jnp.minimum(kept, rank), wanted=kept
     )
 
 

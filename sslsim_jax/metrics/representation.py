@@ -22,8 +22,7 @@ excluded from standardisation and neuron means; a `ConstantNeuronWarning` /
 `RankDeficiencyWarning` is issued once per call outside `jax.jit`, and a `RankCapWarning` when
 SVCCA/PWCCA keep fewer directions than their variance rule asks because the others lie below
 the numerical rank, or when linreg drops directions above eps that the statistics resolve. A
-network with no variance
-at all scores 0 (distance 2 for procrustes).
+network with no variance at all scores 0 (distance 2 for procrustes).
 
 Tolerances (tests): against float64 NumPy references, 1e-5 in float64 mode and 1e-4 in float32
 for well-conditioned data (condition number of the correlation matrix below ~1e3).
