@@ -857,13 +857,14 @@ def _neuron_section(results: Results, top: int = 10) -> str:
         f'(all matches: <a href="neurons.csv">neurons.csv</a>).</p>'
     ]
     rank = {m: i for i, m in enumerate(results.models)}
-    pairs = sorted(
-        set(zip(cross.model_a, cross.model_b, strict=True)),
-        key=lambda p: (rank[p[0]], rank[p[1]]),
-    )
-    for a, b in pairs:
-        rows = cross[(cross.model_a == a) & (cross.model_b == b)]
-        best = rows.reindex(rows.correlation.abs().sort_values(ascending=False).index)[:top]
+    # The strongest matches first (NaN last), then each model pair's first ``top``: one sort of
+    # the table's millions of rows, not one per pair.
+    order = np.argsort(-cross.correlation.abs().to_numpy(), kind="stable")
+    tops = cross.iloc[order].groupby(["model_a", "model_b"], sort=False).head(top)
+    for (a, b), best in sorted(
+        tops.groupby(["model_a", "model_b"], sort=False),
+        key=lambda item: (rank[item[0][0]], rank[item[0][1]]),
+    ):
         body = "".join(
             f"<tr><td>{_esc(r.layer_a)}</td><td>{r.neuron_a}</td><td>{_esc(r.layer_b)}</td>"
             f"<td>{r.matched_neuron_b}</td><td>{_fmt(r.correlation)}</td></tr>"

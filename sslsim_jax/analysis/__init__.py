@@ -23,7 +23,13 @@ from sslsim_jax.analysis.networks import (
 from sslsim_jax.analysis.run import analyze
 from sslsim_jax.analysis.settings import DTYPES, FINAL, PRECISIONS, AnalysisError, Settings
 from sslsim_jax.analysis.state import STATE_DIR, State, run_key
-from sslsim_jax.analysis.tables import attention_tables, neuron_tables, similarity_table
+from sslsim_jax.analysis.tables import (
+    NeuronMatches,
+    attention_tables,
+    neuron_matches,
+    neuron_tables,
+    similarity_table,
+)
 
 __all__ = [
     "DTYPES",
@@ -32,6 +38,7 @@ __all__ = [
     "STATE_DIR",
     "AnalysisError",
     "ModelEntry",
+    "NeuronMatches",
     "Settings",
     "State",
     "analyze",
@@ -43,6 +50,7 @@ __all__ = [
     "load_share",
     "network_names",
     "network_sizes",
+    "neuron_matches",
     "neuron_tables",
     "prepare_models",
     "run_key",

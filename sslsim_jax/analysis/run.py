@@ -39,13 +39,12 @@ from sslsim_jax.analysis.plan import Plan, parse_size, plan_passes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import STATE_DIR, CheckpointSaver, merge_processes, run_key
 from sslsim_jax.analysis.tables import (
+    NeuronMatches,
     attention_layer_names,
     attention_map_rows,
     attention_tables,
     localization_rows,
-    neuron_pairs,
     pair_values,
-    rankings_from_pairs,
     similarity_table,
     topk_rows,
 )
@@ -229,9 +228,9 @@ def _in_model_order(frame: pd.DataFrame, entries: Sequence[ModelEntry]) -> pd.Da
     return frame.iloc[keys.sort_values(["lo", "hi"], kind="stable").index].reset_index(drop=True)
 
 
-def _in_network_order(frame: pd.DataFrame, index: dict, *, neurons: bool = False) -> pd.DataFrame:
-    """Rows of several passes in the one-pass order: metric blocks, then network a, network b
-    (and neuron a), as a single pass writes them."""
+def _in_network_order(frame: pd.DataFrame, index: dict) -> pd.DataFrame:
+    """Rows of several passes in the one-pass order: metric blocks, then network a, network b,
+    as a single pass writes them."""
     if frame.empty:
         return frame
     keys = pd.DataFrame(
@@ -248,9 +247,6 @@ def _in_network_order(frame: pd.DataFrame, index: dict, *, neurons: bool = False
     if "k" in frame.columns:
         keys["k"] = frame.k
         order.append("k")
-    if neurons:
-        keys["n"] = frame.neuron_a
-        order.insert(1, "n")
     return frame.iloc[keys.sort_values(order, kind="stable").index].reset_index(drop=True)
 
 
@@ -312,7 +308,8 @@ def _analyze_locked(
     names = network_names(entries)
     group_of = plan.group_of
     index = {n: i for i, n in enumerate(names)}
-    tables, neuron_parts, topk_parts, head_parts = [], [], [], []
+    tables, topk_parts, head_parts = [], [], []
+    matches = NeuronMatches.empty(names, network_sizes(entries)) if process == 0 else None
     owner = attention_owners(plan, entries) if settings.attention else {}
     skipped, frames = {}, 0
     # The last checkpoint of a pass (GBs for many networks) is written while its metrics run.
@@ -359,7 +356,10 @@ def _analyze_locked(
                 skipped |= {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
             frames = state.frames
             if process == 0:
-                neuron_parts.append(owned(neuron_pairs(state, sub, settings, values)))
+                owns = None
+                if len(plan.passes) > 1:
+                    owns = [[p.owns(group_of, x, y) for y in p.networks] for x in p.networks]
+                matches.fill(values, p.networks, owns)
                 topk_parts.append(owned(topk_rows(state, sub, settings, values)))
             del values
     # Attention layers ("model:i", 1-based) sort with the networks of the same name, or after.
@@ -377,10 +377,8 @@ def _analyze_locked(
         return table
     written = {results.SIMILARITIES, results.NEURONS, results.NEURON_RANKINGS}
     results.write_table(out, results.SIMILARITIES, table)
-    pairs = _in_network_order(pd.concat(neuron_parts, ignore_index=True), index, neurons=True)
-    results.write_table(out, results.NEURONS, pairs)
-    ranks = rankings_from_pairs(pairs, names, pool=settings.neuron_pool)
-    results.write_table(out, results.NEURON_RANKINGS, ranks)
+    matches.write(out)
+    results.write_table(out, results.NEURON_RANKINGS, matches.rankings(settings.neuron_pool))
     if head_parts:
         heads = _in_model_order(pd.concat(head_parts, ignore_index=True), entries)
         results.write_table(out, results.ATTENTION_HEADS, heads)

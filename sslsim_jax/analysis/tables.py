@@ -3,6 +3,7 @@ intervals), the attention layer and head tables, matched neurons and Wu et al.'s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -237,21 +238,121 @@ def attention_tables(
     return layer_rows, heads
 
 
-def neuron_tables(
-    state: State, entries: Sequence[ModelEntry], settings: Settings | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Matched neurons of every network pair, and Wu et al.'s MaxCorr/MinCorr neuron rankings
-    (`rankings_from_pairs` of the pair rows)."""
-    settings = settings or Settings()
-    pairs = neuron_pairs(state, entries, settings)
-    return pairs, rankings_from_pairs(pairs, network_names(entries), pool=settings.neuron_pool)
+@dataclasses.dataclass
+class NeuronMatches:
+    """Every neuron's best match in every network of a run, as arrays: what ``neurons.csv``
+    and ``neuron_rankings.csv`` are written from (tens of millions of rows at the paper's
+    scale, never held as a table by `analyze`).
+
+    Attributes:
+        names: the ``"model:layer"`` networks, in column order.
+        sizes: their widths.
+        best: [K, P, K] float32, |r| of neuron i of network a with its best match in network b
+            (NaN for a constant neuron or an all-constant network, and on padding rows
+            i ≥ sizes[a]).
+        matched: [K, P, K] int32, that neuron of b.
+    """
+
+    names: list[str]
+    sizes: tuple[int, ...]
+    best: np.ndarray
+    matched: np.ndarray
+
+    @classmethod
+    def empty(cls, names: Sequence[str], sizes: Sequence[int]) -> NeuronMatches:
+        k, p = len(names), max(sizes)
+        return cls(
+            list(names),
+            tuple(int(d) for d in sizes),
+            np.full((k, p, k), np.nan, np.float32),
+            np.zeros((k, p, k), np.int32),
+        )
+
+    def fill(self, values: dict, networks: Sequence[int], owns: np.ndarray | None = None) -> None:
+        """Copies a pass's matches (`pair_values`' "best", "matched" over ``networks``, global
+        indices) into the run's arrays; ``owns`` [k, k]: the pairs the pass owns (all)."""
+        g = np.asarray(networks)
+        best, matched = np.asarray(values["best"]), np.asarray(values["matched"])
+        p = best.shape[1]
+        owned = np.ones((len(g), len(g)), bool) if owns is None else np.asarray(owns)
+        for x, y in zip(*np.nonzero(owned), strict=True):
+            self.best[g[x], :p, g[y]] = best[x, :, y]
+            self.matched[g[x], :p, g[y]] = matched[x, :, y]
+
+    def frame(self) -> pd.DataFrame:
+        """The ``neurons.csv`` rows: network a, then neuron a, then network b."""
+        k = len(self.names)
+        sizes = np.asarray(self.sizes)
+        split = [n.rsplit(":", 1) for n in self.names]
+        model = np.array([m for m, _ in split], dtype=object)
+        layer = np.array([x for _, x in split], dtype=object)
+        a = np.repeat(np.arange(k), sizes * k)  # every row's network a
+        b = np.tile(np.arange(k), int(sizes.sum()))
+        neuron = np.concatenate([np.repeat(np.arange(d), k) for d in self.sizes])
+        keep = (np.arange(self.best.shape[1])[None, :] < sizes[:, None]).ravel()  # [K*P]
+        return pd.DataFrame(
+            {
+                "model_a": model[a],
+                "layer_a": layer[a],
+                "neuron_a": neuron,
+                "model_b": model[b],
+                "layer_b": layer[b],
+                "matched_neuron_b": self.matched.reshape(-1, k)[keep].ravel().astype(np.int64),
+                "correlation": self.best.reshape(-1, k)[keep].ravel().astype(np.float64),
+            }
+        )
+
+    def rankings(self, pool: str = "networks") -> pd.DataFrame:
+        """Wu et al.'s neuron rankings (``neuron_rankings.csv``).
+
+        A neuron's MaxCorr is its highest best-|r| over the networks of ``pool`` (every other
+        network, or other models' networks), MinCorr its lowest; ranks are 1 = highest within
+        its network, constant neurons last. A neuron is constant when it has no correlation
+        even with its own network.
+        """
+        model = [n.rsplit(":", 1)[0] for n in self.names]
+        frames = []
+        for a, name in enumerate(self.names):
+            if pool == "models":
+                others = [b for b in range(len(model)) if model[b] != model[a]]
+            else:
+                others = [b for b in range(len(model)) if b != a]
+            if not others:
+                continue  # nothing to rank against
+            d = self.sizes[a]
+            block = self.best[a, :d][:, others].astype(np.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN neurons stay NaN
+                mx, mn = np.nanmax(block, axis=1), np.nanmin(block, axis=1)
+            ok = ~np.isnan(self.best[a, :d, a])
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "model": model[a],
+                        "layer": name.rsplit(":", 1)[1],
+                        "neuron": np.arange(d),
+                        "maxcorr": np.where(ok, mx, np.nan),
+                        "mincorr": np.where(ok, mn, np.nan),
+                        "maxcorr_rank": _rank(np.where(ok, -mx, np.inf)),
+                        "mincorr_rank": _rank(np.where(ok, -mn, np.inf)),
+                        "constant": ~ok,
+                    }
+                )
+            )
+        # One model with pool "models": nothing to rank against; the file still has its header.
+        if not frames:
+            return pd.DataFrame(columns=results.NEURON_RANKING_COLUMNS)
+        return pd.concat(frames, ignore_index=True)
+
+    def write(self, out_dir) -> str:
+        """Writes ``neurons.csv`` (`results.write_neurons`); returns its path."""
+        return results.write_neurons(out_dir, self.names, self.sizes, self.best, self.matched)
 
 
-def neuron_pairs(
+def neuron_matches(
     state: State, entries: Sequence[ModelEntry], settings: Settings, values: dict | None = None
-) -> pd.DataFrame:
-    """``neurons.csv`` rows: for every neuron of every network and every network, the best
-    matching neuron and its |r| (NaN for a constant neuron or an all-constant network).
+) -> NeuronMatches:
+    """The matched neurons of every pair of the statistics' networks.
 
     ``values``: the pass's `pair_values`, when already computed.
     """
@@ -260,78 +361,20 @@ def neuron_pairs(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported with the similarity table
             values = pairwise_fn(entries, settings)(state.moments, names, metrics=(), neurons=True)
-    best, matched = values["best"], values["matched"]  # [K, P, K]
-    rows = []
-    for i, name in enumerate(names):
-        d = sizes[i]
-        model_a, layer_a = name.rsplit(":", 1)
-        for j, other in enumerate(names):
-            model_b, layer_b = other.rsplit(":", 1)
-            rows.append(
-                pd.DataFrame(
-                    {
-                        "model_a": model_a,
-                        "layer_a": layer_a,
-                        "neuron_a": np.arange(d),
-                        "model_b": model_b,
-                        "layer_b": layer_b,
-                        "matched_neuron_b": matched[i, :d, j],
-                        "correlation": best[i, :d, j].astype(np.float64),
-                    }
-                )
-            )
-    return pd.concat(rows, ignore_index=True)
+    matches = NeuronMatches.empty(names, sizes)
+    matches.fill(values, range(len(names)))
+    return matches
 
 
-def rankings_from_pairs(
-    pairs: pd.DataFrame, names: Sequence[str], *, pool: str = "networks"
-) -> pd.DataFrame:
-    """Wu et al.'s neuron rankings (``neuron_rankings.csv``) from the matched-neuron rows.
-
-    A neuron's MaxCorr is its highest best-|r| over the networks of ``pool`` (every other
-    network, or other models' networks), MinCorr its lowest; ranks are 1 = highest within its
-    network, constant neurons last. A neuron is constant when it has no correlation even with
-    its own network.
-    """
-    model_of = {n: n.rsplit(":", 1)[0] for n in names}
-    a = pairs.model_a + ":" + pairs.layer_a
-    b = pairs.model_b + ":" + pairs.layer_b
-    own = pairs[a == b].set_index(["model_a", "layer_a"])
-    if pool == "models":
-        pooled = pairs[a.map(model_of) != b.map(model_of)]
-    else:
-        pooled = pairs[a != b]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN neurons stay NaN
-        agg = pooled.groupby(["model_a", "layer_a", "neuron_a"], sort=False).correlation.agg(
-            ["max", "min"]
-        )
-    frames = []
-    for name in names:
-        model, layer = name.rsplit(":", 1)
-        if (model, layer) not in agg.index.droplevel(2):
-            continue  # no other network in the pool
-        block = agg.loc[(model, layer)]
-        ok = own.loc[(model, layer)].correlation.notna().to_numpy()
-        mx, mn = block["max"].to_numpy(), block["min"].to_numpy()
-        frames.append(
-            pd.DataFrame(
-                {
-                    "model": model,
-                    "layer": layer,
-                    "neuron": block.index.to_numpy(),
-                    "maxcorr": np.where(ok, mx, np.nan),
-                    "mincorr": np.where(ok, mn, np.nan),
-                    "maxcorr_rank": _rank(np.where(ok, -mx, np.inf)),
-                    "mincorr_rank": _rank(np.where(ok, -mn, np.inf)),
-                    "constant": ~ok,
-                }
-            )
-        )
-    # One model with pool "models": nothing to rank against; the file still has its header.
-    if not frames:
-        return pd.DataFrame(columns=results.NEURON_RANKING_COLUMNS)
-    return pd.concat(frames, ignore_index=True)
+def neuron_tables(
+    state: State, entries: Sequence[ModelEntry], settings: Settings | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Matched neurons of every network pair (the ``neurons.csv`` rows: for every neuron of
+    every network and every network, the best matching neuron and its |r|, NaN for a constant
+    neuron or an all-constant network), and Wu et al.'s MaxCorr/MinCorr neuron rankings."""
+    settings = settings or Settings()
+    matches = neuron_matches(state, entries, settings)
+    return matches.frame(), matches.rankings(settings.neuron_pool)
 
 
 def _rank(key: np.ndarray) -> np.ndarray:
