@@ -9,7 +9,7 @@ fresh process, so its peak resident memory (VmHWM) is its own:
 - ``before``: the row tables of pandas as `analyze` built them until this script was written:
   one small frame per network pair, concatenated, sorted into network order by string keys,
   written with ``to_csv``; the rankings grouped by string keys; read back as strings and
-  checked cell by cell.
+  checked cell by cell (`results.read_results` without its typed parser).
 - ``now``: `NeuronMatches` (arrays, written row by row in order, ranked with NumPy) and
   `results.read_results`' typed parser.
 
@@ -115,19 +115,25 @@ def before(names, sizes, best, matched, out: str) -> dict:
     times["rankings"] = time.perf_counter() - start
     del pairs, pooled, a, b
     start = time.perf_counter()
-    frame = pd.read_csv(os.path.join(out, "neurons.csv"), dtype=str, keep_default_na=False)
-    for c in ("model_a", "layer_a", "model_b", "layer_b"):
-        assert not (frame[c].str.strip() == "").any()
-    for c in ("neuron_a", "matched_neuron_b", "correlation"):
-        frame[c] = pd.to_numeric(frame[c].str.strip(), errors="coerce")
+    read(out, typed=False)
     times["read"] = time.perf_counter() - start
     return times
 
 
-def now(names, sizes, best, matched, out: str) -> dict:
+def read(out: str, *, typed: bool) -> None:
+    """`read_results`' reading of neurons.csv; ``typed=False``: as strings, cell by cell only
+    (what it did before its typed parser)."""
     from pathlib import Path
 
     from sslsim_jax import results
+
+    kinds, _ = results._OPTIONAL[results.NEURONS]
+    if not typed:
+        results._read_typed = lambda *args, **kwargs: None
+    results._read_csv(Path(out) / results.NEURONS, results.NEURON_COLUMNS, **kinds)
+
+
+def now(names, sizes, best, matched, out: str) -> dict:
     from sslsim_jax.analysis.tables import NeuronMatches
 
     times = {}
@@ -142,8 +148,7 @@ def now(names, sizes, best, matched, out: str) -> dict:
     times["rankings"] = time.perf_counter() - start
     del matches
     start = time.perf_counter()
-    kinds, _ = results._OPTIONAL[results.NEURONS]
-    results._read_csv(Path(out) / results.NEURONS, results.NEURON_COLUMNS, **kinds)
+    read(out, typed=True)
     times["read"] = time.perf_counter() - start
     return times
 

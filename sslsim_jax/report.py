@@ -550,12 +550,13 @@ def _fmt(v: float) -> str:
     return "" if not np.isfinite(v) else f"{v:.3f}"
 
 
-def _matrix_table(results: Results, metric: str, model_a: str, model_b: str) -> str:
-    sim = results.similarities
-    rows = sim[(sim.metric == metric) & (sim.model_a == model_a) & (sim.model_b == model_b)]
-    matrix, la, lb = _pair_matrix(sim, metric=metric, model_a=model_a, model_b=model_b)
+def _matrix_table(
+    table: pd.DataFrame, metric: str, model_a: str, model_b: str, *, has_ci: bool
+) -> str:
+    rows = table[(table.metric == metric) & (table.model_a == model_a) & (table.model_b == model_b)]
+    matrix, la, lb = _pair_matrix(rows, metric=metric, model_a=model_a, model_b=model_b)
     ci = {}
-    if results.has_ci:
+    if has_ci:
         for r in rows.itertuples(index=False):
             ci[(r.layer_a, r.layer_b)] = (r.ci_low, r.ci_high)
     head = "".join(f"<th>{_esc(b)}</th>" for b in lb)
@@ -739,17 +740,20 @@ def build_report(out_dir: str | os.PathLike[str], *, workers: int | None = None)
             '<div class="figures">'
         ]
         tables = []
+        # Each model pair's rows, split once (the paper's grid has 150,000 rows a metric).
+        by_pair = dict(tuple(rows.groupby(["model_a", "model_b"], sort=False)))
         for a, b in _model_pairs(results, metric):
+            pair = by_pair.get((a, b), rows.iloc[:0])
             caption = (
                 f"{info.label} between the layers of {a} (rows) and {b} (columns)"
                 + (", row in terms of column" if info.x_centric else "")
                 + f"; {info.direction}."
             )
-            fig = heatmap(sim, metric=metric, model_a=a, model_b=b, frames=frames)
+            fig = heatmap(pair, metric=metric, model_a=a, model_b=b, frames=frames)
             parts.append(emit(fig, f"heatmap_{_slug(metric, a, b)}.png", caption))
             tables.append(
                 f"<details><summary>Table: {_esc(a)} (rows) vs {_esc(b)} (columns)</summary>"
-                f"{_matrix_table(results, metric, a, b)}</details>"
+                f"{_matrix_table(pair, metric, a, b, has_ci=results.has_ci)}</details>"
             )
         parts.append("</div></details>")
         if results.has_ci:
