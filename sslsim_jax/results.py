@@ -525,12 +525,17 @@ def _read_typed(
         return None
     if any(c in frame.columns and frame[c].dtype != dtype[c] for c in dtype):
         return None
-    for c in text:
-        # pandas infers the categories' type: "1" and "01" both become 1. Text that reads as
-        # numbers (a run's layers 0-12) is read again as strings, one column.
-        if c in frame.columns and not all(isinstance(x, str) for x in frame[c].cat.categories):
-            raw = pd.read_csv(path, usecols=[c], dtype=str, keep_default_na=False)[c]
-            frame[c] = raw.astype("category")
+    # pandas infers the categories' type: "1" and "01" both become 1. Text that reads as numbers
+    # (a run's layers 0-12) is read again as strings, those columns only.
+    again = [
+        c
+        for c in text
+        if c in frame.columns and not all(isinstance(x, str) for x in frame[c].cat.categories)
+    ]
+    if again:
+        raw = pd.read_csv(path, usecols=again, dtype=str, keep_default_na=False)
+        for c in again:
+            frame[c] = raw[c].astype("category")
     return frame
 
 
