@@ -852,23 +852,36 @@ def build_report(out_dir: str | os.PathLike[str], *, workers: int | None = None)
     return str(path)
 
 
+def _top_matches(
+    neurons: pd.DataFrame, models: Sequence[str], top: int
+) -> list[tuple[str, str, pd.DataFrame]]:
+    """(model a, model b, rows) for each pair of different models, in run.json order: the
+    ``top`` rows of largest |correlation| (NaN last, ties in file order). One sort of the
+    pair codes and magnitudes, not a copy of the table's millions of rows."""
+    codes_a = pd.Categorical(neurons.model_a, categories=models).codes.astype(np.int64)
+    codes_b = pd.Categorical(neurons.model_b, categories=models).codes.astype(np.int64)
+    cross = np.flatnonzero(codes_a != codes_b)
+    key = codes_a[cross] * len(models) + codes_b[cross]
+    magnitude = np.abs(neurons.correlation.to_numpy()[cross])
+    order = np.lexsort((np.where(np.isnan(magnitude), np.inf, -magnitude), key))  # stable
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], len(key)]
+    out = []
+    for start, end in zip(starts, ends, strict=True):
+        rows = neurons.iloc[cross[order[start : min(end, start + top)]]]
+        a, b = divmod(int(key[start]), len(models))
+        out.append((models[a], models[b], rows))
+    return out
+
+
 def _neuron_section(results: Results, top: int = 10) -> str:
-    neurons = results.neurons
-    cross = neurons[neurons.model_a != neurons.model_b]
     parts = [
         '<h2 id="neurons">Neurons</h2>'
         f"<p>The {top} most correlated neuron matches of each pair of different models "
         f'(all matches: <a href="neurons.csv">neurons.csv</a>).</p>'
     ]
-    rank = {m: i for i, m in enumerate(results.models)}
-    # The strongest matches first (NaN last), then each model pair's first ``top``: one sort of
-    # the table's millions of rows, not one per pair.
-    order = np.argsort(-cross.correlation.abs().to_numpy(), kind="stable")
-    tops = cross.iloc[order].groupby(["model_a", "model_b"], sort=False).head(top)
-    for (a, b), best in sorted(
-        tops.groupby(["model_a", "model_b"], sort=False),
-        key=lambda item: (rank[item[0][0]], rank[item[0][1]]),
-    ):
+    for a, b, best in _top_matches(results.neurons, results.models, top):
         body = "".join(
             f"<tr><td>{_esc(r.layer_a)}</td><td>{r.neuron_a}</td><td>{_esc(r.layer_b)}</td>"
             f"<td>{r.matched_neuron_b}</td><td>{_fmt(r.correlation)}</td></tr>"

@@ -490,3 +490,33 @@ def test_direct_writes_refused_midway_are_written_again_buffered(tmp_path, monke
                                  binary=True)  # fmt: skip
         assert not (tmp_path / "other.bin").exists()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_top_neuron_matches_equal_a_sort_of_each_pair():
+    """The report's neuron tables: each pair of different models' rows of largest |r|, NaN last,
+    ties in file order, pairs in run.json order; against a per-pair pandas sort."""
+    rng = np.random.default_rng(0)
+    models = ["w2v-post", "hub-pre", "w2v-post-ft"]
+    n = 3000
+    neurons = pd.DataFrame(
+        {
+            "model_a": rng.choice(models, n),
+            "layer_a": rng.choice(["0", "1", "final"], n),
+            "neuron_a": rng.integers(0, 50, n),
+            "model_b": rng.choice(models, n),
+            "layer_b": rng.choice(["0", "2"], n),
+            "matched_neuron_b": rng.integers(0, 50, n),
+            "correlation": rng.choice([0.9, -0.9, 0.5, np.nan, *rng.random(40)], n),
+        }
+    )
+    got = report._top_matches(neurons, models, 7)
+    expected = []
+    for a in models:
+        for b in models:
+            rows = neurons[(neurons.model_a == a) & (neurons.model_b == b)]
+            if a != b and len(rows):
+                order = rows.correlation.abs().sort_values(ascending=False, kind="stable").index
+                expected.append((a, b, rows.loc[order][:7]))
+    assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in expected]
+    for (_, _, rows), (_, _, want) in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(rows, want)
