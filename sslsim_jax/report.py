@@ -861,6 +861,8 @@ def _top_matches(
     codes_a = pd.Categorical(neurons.model_a, categories=models).codes.astype(np.int64)
     codes_b = pd.Categorical(neurons.model_b, categories=models).codes.astype(np.int64)
     cross = np.flatnonzero(codes_a != codes_b)
+    if not len(cross):  # one model
+        return []
     key = codes_a[cross] * len(models) + codes_b[cross]
     magnitude = np.abs(neurons.correlation.to_numpy()[cross])
     order = np.lexsort((np.where(np.isnan(magnitude), np.inf, -magnitude), key))  # stable

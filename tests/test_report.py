@@ -520,3 +520,5 @@ def test_top_neuron_matches_equal_a_sort_of_each_pair():
     assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in expected]
     for (_, _, rows), (_, _, want) in zip(got, expected, strict=True):
         pd.testing.assert_frame_equal(rows, want)
+    one_model = neurons[(neurons.model_a == "hub-pre") & (neurons.model_b == "hub-pre")]
+    assert report._top_matches(one_model, models, 7) == []
