@@ -448,9 +448,9 @@ def _read_csv(
     floats (NaN for an empty cell or ``nan``), integers int64.
 
     A well-formed file is parsed with typed columns (`_read_typed`: a paper-scale
-    ``neurons.csv`` of 23 million rows in 20 s and 2.7 GB, against 196 s and 8.2 GB as
-    strings); anything that parser refuses is read again as strings and checked cell by cell,
-    so that the error names the column and the row.
+    ``neurons.csv`` of 23 million rows in 26 s, against 98 s as strings,
+    `scripts/bench_tables.py`); anything that parser refuses is read again as strings and
+    checked cell by cell, so that the error names the column and the row.
     """
 
     def check_columns(frame: pd.DataFrame) -> None:
@@ -471,8 +471,9 @@ def _read_csv(
     kinds = dict(numbers=(*numbers, *optional_numbers), integers=integers)
     frame = _read_typed(path, text=text, **kinds)
     if frame is None:
-        frame = _read_strings(path, check_columns, **kinds)
-    check_columns(frame)
+        frame = _read_strings(path, check_columns, **kinds)  # checks the columns itself
+    else:
+        check_columns(frame)
     for c in text:
         values = frame[c].astype("category")
         empty = [i for i, x in enumerate(values.cat.categories) if not str(x).strip()]
