@@ -3,13 +3,16 @@
 ``stats.merge(m, stats.moments(z))`` forms the batch's [D, D] co-moment, re-centres both sides
 and adds them; ``stats.update(m, z)`` adds the batch's Gram and both rank-one shifts to m's
 co-moment in its (donated) buffer; ``upper`` is the same with ``upper=True``, the streaming
-form `extract` uses (upper blocks only; `stats.mirror_upper` once at the end, not timed, before
-the results are compared). Both run side by side on the same random batches: K networks
+form (upper blocks only; `stats.mirror_upper` once at the end, not timed, before the results
+are compared); ``host`` is what `extract` uses on one CPU device, `host_stats.update`: the same
+upper blocks with the co-moment a NumPy array that BLAS ``?gemm`` adds the Gram to in place.
+All run side by side on the same random batches: K networks
 of width W, N frames per batch. Prints the median time per update (process CPU seconds, which
 other jobs on a shared machine inflate less than wall time; pass ``--single-thread`` to pin
-XLA to one thread so that they are comparable across loads), the largest difference of the
-results, and the peak RSS of each method in a fresh process. Then the re-centring's block
-product (`stats._block_matvec`) against the dense [D, D] × [D, K] product it replaces.
+XLA and OpenBLAS to one thread so that they are comparable across loads), the largest
+difference of the results, and the peak RSS of each method in a fresh process. Then the
+re-centring's block product (`stats._block_matvec`) against the dense [D, D] × [D, K] product
+it replaces, and the two forms of mirroring.
 
     python scripts/bench_update.py --networks 26 --width 768 --frames 500
     python scripts/bench_update.py --networks 8 --single-thread
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("merge", "update", "upper")
+METHODS = ("merge", "update", "upper", "host")
 
 
 def _setup(networks: int, width: int, frames: int):
@@ -49,6 +52,10 @@ def _step(method: str):
 
     if method == "merge":
         return jax.jit(lambda m, z: stats.merge(m, stats.moments(z, sizes=m.sizes)))
+    if method == "host":
+        from sslsim_jax import host_stats
+
+        return lambda m, z: host_stats.update(m, z)
     upper = method == "upper"
     return jax.jit(lambda m, z: stats.update(m, z, upper=upper), donate_argnums=0)
 
@@ -59,7 +66,12 @@ def run(method: str, networks: int, width: int, frames: int, reps: int):
 
     stats, sizes, batches = _setup(networks, width, frames)
     step = _step(method)
-    m = jax.block_until_ready(step(stats.init(sizes), batches[0]))
+    m = stats.init(sizes)
+    if method == "host":
+        from sslsim_jax import host_stats
+
+        m = host_stats.to_host(m)
+    m = jax.block_until_ready(step(m, batches[0]))
     cpu, wall = [], []
     for i in range(reps):
         c, w = time.process_time(), time.perf_counter()
@@ -68,6 +80,10 @@ def run(method: str, networks: int, width: int, frames: int, reps: int):
         wall.append(time.perf_counter() - w)
     if method == "upper":  # made whole once, as `extract` does at the end (not timed)
         m = jax.block_until_ready(jax.jit(stats.mirror_upper)(m))
+    if method == "host":
+        from sslsim_jax import host_stats
+
+        m = host_stats.mirror_upper(m)
     return sorted(cpu)[reps // 2], sorted(wall)[reps // 2], m
 
 
@@ -83,6 +99,7 @@ def main(argv=None) -> int:
     if args.single_thread and "intra_op" not in os.environ.get("XLA_FLAGS", ""):
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}"
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     if args.peak_of:  # child: three updates, then the peak RSS in bytes
         from _bench import peak_rss
 
@@ -154,6 +171,13 @@ def main(argv=None) -> int:
     jax.block_until_ready(mirror(m))
     seconds = time.process_time() - start
     print(f"mirror_upper (once per run in the streaming form): {seconds:.2f} s CPU")
+    from sslsim_jax import host_stats
+
+    m = host_stats.to_host(m)
+    start = time.process_time()
+    host_stats.mirror_upper(m)
+    seconds = time.process_time() - start
+    print(f"host_stats.mirror_upper (the host form's): {seconds:.2f} s CPU")
     return 0
 
 

@@ -249,7 +249,8 @@ def compilation_cache() -> str | None:
     Every padded batch shape compiles the models once: seconds on a CPU, 10-60 s on a GPU. The
     cache keeps the compiled programs across runs (a resumed run, other metrics, another corpus
     of similar lengths). Directory: ``$SSLSIM_CACHE_DIR``, default ``~/.cache/sslsim/jax``;
-    ``SSLSIM_CACHE_DIR=none`` turns it off.
+    ``SSLSIM_CACHE_DIR=none`` turns it off. Programs that compiled in under a second are not
+    kept, unless JAX's own ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise.
     """
 
     import jax
@@ -259,7 +260,8 @@ def compilation_cache() -> str | None:
         return None
     path = os.path.expanduser(path)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    least = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1.0))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", least)
     return path
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,8 @@ def _check_sizes(sizes: Sequence[int] | None, d: int) -> tuple[int, ...]:
     return sizes
 
 
-def _weights(where: jax.Array | None, n: int, dtype) -> jax.Array:
+def frame_weights(where: jax.Array | None, n: int, dtype) -> jax.Array:
+    """[N] frame weights of ``dtype`` from an optional [N] mask or weights (default all 1)."""
     if where is None:
         return jnp.ones((n,), dtype)
     where = jnp.asarray(where)
@@ -139,11 +141,12 @@ def _weights(where: jax.Array | None, n: int, dtype) -> jax.Array:
     return where.astype(dtype)
 
 
-def init(sizes: Sequence[int], dtype=jnp.float32) -> Moments:
-    """Empty statistics (count 0) for networks of the given widths."""
+def init(sizes: Sequence[int], dtype=jnp.float32, *, zeros=jnp.zeros) -> Moments:
+    """Empty statistics (count 0) for networks of the given widths; ``zeros=np.zeros`` makes
+    them host arrays (`sslsim_jax.host_stats`)."""
     sizes = tuple(int(s) for s in sizes)
     d, k = sum(sizes), len(sizes)
-    z = jnp.zeros
+    z = zeros
     return Moments(
         count=z((), dtype),
         mean=z((d,), dtype),
@@ -174,7 +177,7 @@ def moments(
     sizes = _check_sizes(sizes, z.shape[1])
     dtype = _accum_dtype(z.dtype)
     z = z.astype(dtype)
-    w = _weights(where, z.shape[0], dtype)
+    w = frame_weights(where, z.shape[0], dtype)
     n, mean, zc, zw = centre(z, w)
     d = z.shape[1]
     comoment = _add_upper_gram(jnp.zeros((d, d), dtype), zw, zc, sizes)
@@ -374,58 +377,95 @@ def update(
     costs more than a third of the update at 26 networks (`scripts/bench_update.py`);
     `mirror_upper` does it once, when the statistics are read.
     """
+    z, w = _checked_batch(m, z, where)
+    b = fold_batch(m.count, m.mean, z, w)
+    if upper:
+        c_a = _block_matvec_upper(m.comoment, b.delta_a, m.sizes)  # [D, K]
+    else:
+        c_a = _block_matvec(m.comoment, b.delta_a, m.sizes)
+    row_cross, row_gram = fold_rows(m, b, jnp.diagonal(m.comoment), c_a)
+    comoment = _add_upper_gram(m.comoment, *gram_factors(m.count, b), m.sizes, mirror=not upper)
+    return Moments(
+        count=b.count,
+        mean=b.mean,
+        comoment=comoment,
+        row_cross=row_cross,
+        row_gram=row_gram,
+        sizes=m.sizes,
+    )
+
+
+def _checked_batch(m: Moments, z, where) -> tuple[jax.Array, jax.Array]:
+    """(z, weights) of a batch for `update`, shape checked, in the statistics' dtype."""
     d = m.mean.shape[-1]
     z = jnp.asarray(z)
     if z.ndim != 2 or z.shape[1] != d:
         raise ValueError(f"expected z of shape [N, D={d}], got {z.shape}")
-    prec = matmul_precision()
-    sizes = m.sizes
     dtype = jnp.promote_types(m.comoment.dtype, _accum_dtype(z.dtype))
     z = z.astype(dtype)
-    w = _weights(where, z.shape[0], dtype)
+    return z, frame_weights(where, z.shape[0], dtype)
+
+
+class Batch(NamedTuple):
+    """One batch folded into statistics of ``count`` frames with mean ``mean`` (`fold_batch`):
+    the batch's own count, mean and centred frames, and the merged count and mean."""
+
+    batch_count: jax.Array
+    zc: jax.Array  # [N, D] the frames about the batch's own mean
+    zw: jax.Array  # [N, D] zc times the frame weights
+    w: jax.Array  # [N] the frame weights
+    count: jax.Array  # the merged count
+    mean: jax.Array  # [D] the merged mean
+    delta_a: jax.Array  # [D] merged mean − the statistics' mean
+    delta_b: jax.Array  # [D] merged mean − the batch's mean
+
+
+def fold_batch(count: jax.Array, mean: jax.Array, z: jax.Array, w: jax.Array) -> Batch:
+    """The parts of `update` that do not read the co-moment: the batch centred on its own
+    mean (`centre`) and the merged count and mean."""
     n_b, mean_b, zc, zw = centre(z, w)  # the batch about its own mean
-    n = m.count + n_b
-    mean = m.mean + (n_b / jnp.where(n > 0, n, 1)) * (mean_b - m.mean)
-    delta_a, delta_b = mean - m.mean, mean - mean_b
-    # m's row-norm accumulators, re-centred on the merged mean.
-    if upper:
-        c_a = _block_matvec_upper(m.comoment, delta_a, sizes)  # [D, K]
-    else:
-        c_a = _block_matvec(m.comoment, delta_a, sizes)
+    n = count + n_b
+    merged = mean + (n_b / jnp.where(n > 0, n, 1)) * (mean_b - mean)
+    return Batch(n_b, zc, zw, w, n, merged, merged - mean, merged - mean_b)
+
+
+def fold_rows(m: Moments, b: Batch, diag: jax.Array, c_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`update`'s row-norm accumulators: m's re-centred on the merged mean plus the batch's.
+
+    Of m, only ``count``, ``row_cross``, ``row_gram`` and ``sizes`` are read: ``diag`` ([D],
+    the co-moment's diagonal) and ``c_a`` ([D, K], `_block_matvec` of the co-moment with
+    ``b.delta_a``) are all they need of the co-moment.
+    """
+    prec = matmul_precision()
+    sizes = m.sizes
     row_cross_a, row_gram_a = _shifted_rows(
-        m.row_cross, m.row_gram, m.count, sizes, delta_a, jnp.diagonal(m.comoment), c_a
+        m.row_cross, m.row_gram, m.count, sizes, b.delta_a, diag, c_a
     )
     # The batch's, about its own mean, then re-centred: its co-moment's block products with
     # delta_b are zwᵀ (zc's per-network products with delta_b), never the co-moment itself.
-    r = row_norms(zc, sizes)  # [N, K]
-    c_b = jnp.einsum("nd,nk->dk", zw, _block_matvec(zc, delta_b, sizes), precision=prec)
-    diag_b = jnp.einsum("n,nd->d", w, zc * zc, precision=prec)
+    r = row_norms(b.zc, sizes)  # [N, K]
+    c_b = jnp.einsum("nd,nk->dk", b.zw, _block_matvec(b.zc, b.delta_b, sizes), precision=prec)
+    diag_b = jnp.einsum("n,nd->d", b.w, b.zc * b.zc, precision=prec)
     row_cross_b, row_gram_b = _shifted_rows(
-        jnp.einsum("nd,nk->dk", zw, r, precision=prec),
-        jnp.einsum("n,nk,nl->kl", w, r, r, precision=prec),
-        n_b,
+        jnp.einsum("nd,nk->dk", b.zw, r, precision=prec),
+        jnp.einsum("n,nk,nl->kl", b.w, r, r, precision=prec),
+        b.batch_count,
         sizes,
-        delta_b,
+        b.delta_b,
         diag_b,
         c_b,
     )
-    # Co-moment: m's + n_a·δ_aδ_aᵀ + Σ w zc zcᵀ + n_b·δ_bδ_bᵀ; the shifts are two more frames.
-    shifts = jnp.stack([jnp.sqrt(m.count) * delta_a, jnp.sqrt(n_b) * delta_b])  # [2, D]
-    comoment = _add_upper_gram(
-        m.comoment,
-        jnp.concatenate([zw, shifts]),
-        jnp.concatenate([zc, shifts]),
-        sizes,
-        mirror=not upper,
-    )
-    return Moments(
-        count=n,
-        mean=mean,
-        comoment=comoment,
-        row_cross=row_cross_a + row_cross_b,
-        row_gram=row_gram_a + row_gram_b,
-        sizes=sizes,
-    )
+    return row_cross_a + row_cross_b, row_gram_a + row_gram_b
+
+
+def gram_factors(count: jax.Array, b: Batch) -> tuple[jax.Array, jax.Array]:
+    """(left, right), both [N + 2, D]: what `update` adds to the co-moment is leftᵀ right.
+
+    m's co-moment + count·δ_aδ_aᵀ + Σ w zc zcᵀ + n_b·δ_bδ_bᵀ: the two shifts are two more
+    frames of weight 1.
+    """
+    shifts = jnp.stack([jnp.sqrt(count) * b.delta_a, jnp.sqrt(b.batch_count) * b.delta_b])
+    return jnp.concatenate([b.zw, shifts]), jnp.concatenate([b.zc, shifts])
 
 
 def _add_upper_gram(

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslsim_jax import audio, distributed, memory, sharded, stats
+from sslsim_jax import audio, distributed, host_stats, memory, sharded, stats
 from sslsim_jax.analysis import plan as plan_lib
 from sslsim_jax.analysis import state as state_lib
 from sslsim_jax.analysis.inputs import (
@@ -58,6 +58,10 @@ def run_mesh(settings: Settings) -> jax.sharding.Mesh:
 # ``upper=True``); `_mirror` makes them whole once, when the loop is done.
 def _update(m: stats.Moments, z: jax.Array, where: jax.Array) -> stats.Moments:
     return stats.update(m, z, where=where, upper=True)
+
+
+def _host_update(m: stats.Moments, z: jax.Array, where: jax.Array) -> stats.Moments:
+    return host_stats.update(m, z, where=where)
 
 
 def _update_replicates(m: stats.Moments, z: jax.Array, weights: jax.Array) -> stats.Moments:
@@ -239,13 +243,19 @@ def extract(
     field = max(e.model.config.receptive_field for e in entries)
 
     check_memory(sizes, settings, mesh)
-    state = state_lib.init_state(sizes, settings, entries, mesh, attention_pairs)
+    # On one CPU device the co-moment is a NumPy array whose Gram BLAS adds in place
+    # (`sslsim_jax.host_stats`: twice as fast as XLA's matmuls there).
+    on_host = settings.stat_shards == 1 and host_stats.applies(mesh, np.float32)
+    state = state_lib.init_state(sizes, settings, entries, mesh, attention_pairs, host=on_host)
     if state_path:
         state = state_lib.load_checkpoint(state_path, state)
-    if settings.stat_shards == 1:  # where the donating updates leave them
-        state.moments, state.replicates = jax.device_put(
-            (state.moments, state.replicates), replicated
-        )
+    if on_host:
+        state.moments = host_stats.to_host(state.moments)
+        update = _host_update
+    elif settings.stat_shards == 1:  # where the donating updates leave them
+        state.moments = jax.device_put(state.moments, replicated)
+    if settings.stat_shards == 1:
+        state.replicates = jax.device_put(state.replicates, replicated)
     start = state.done
     lengths = [u.num_samples for u in utterances]
     batches = plan_batches(lengths, settings)
@@ -341,10 +351,12 @@ def extract(
                 last = now
     bar.close()
     ran = state.done > start
-    if settings.stat_shards == 1:  # upper blocks (streamed or from a checkpoint) made whole
+    if on_host:
+        state.moments = host_stats.mirror_upper(state.moments)
+    elif settings.stat_shards == 1:  # upper blocks (streamed or from a checkpoint) made whole
         state.moments = _mirror(mesh)(state.moments)
-        if state.replicates is not None:
-            state.replicates = _mirror(mesh)(state.replicates)
+    if settings.stat_shards == 1 and state.replicates is not None:
+        state.replicates = _mirror(mesh)(state.replicates)
     state = state_lib.fetch(state)
     if ran and finished is not None:
         finished(state)

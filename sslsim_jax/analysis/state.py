@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sslsim_jax import distributed, results, sharded, stats
+from sslsim_jax import distributed, host_stats, results, sharded, stats
 from sslsim_jax.analysis.networks import ModelEntry
 from sslsim_jax.analysis.settings import Settings
 from sslsim_jax.metrics import attention as attn
@@ -57,9 +57,10 @@ class State:
     rbf_filled: int = 0
 
 
-def init_state(sizes, settings, entries, mesh=None, attention_pairs=None) -> State:
+def init_state(sizes, settings, entries, mesh=None, attention_pairs=None, *, host=False) -> State:
     """Empty statistics; with ``settings.stat_shards`` > 1 in the padded layout of
-    `sslsim_jax.sharded`, allocated split over ``mesh``.
+    `sslsim_jax.sharded`, allocated split over ``mesh``; with ``host``, the joint statistics
+    as NumPy arrays for `sslsim_jax.host_stats` (checkpoints then load as NumPy arrays too).
 
     ``attention_pairs``: the (model, model) pairs whose attention heads this state compares
     (default: every pair of ``entries``; a pass of a multi-pass run compares only its own).
@@ -71,7 +72,7 @@ def init_state(sizes, settings, entries, mesh=None, attention_pairs=None) -> Sta
         if settings.bootstrap:
             replicates = sharded.init(layout, mesh, settings.bootstrap)
     else:
-        moments = stats.init(sizes)
+        moments = host_stats.init(sizes) if host else stats.init(sizes)
         if settings.bootstrap:
             replicates = jax.tree.map(lambda a: jnp.stack([a] * settings.bootstrap), moments)
     heads = {}
@@ -126,6 +127,8 @@ def _place(array: np.ndarray, like: Any) -> jax.Array:
     """``array`` on the devices of ``like`` when that is split over several (sharded
     statistics: straight to their devices, never whole on one); else a default-device array.
     An array of a piece folder (`_OnDisk`) is read piece by piece onto ``like``'s devices."""
+    if isinstance(like, np.ndarray):  # host statistics (`init_state(host=True)`) stay on the host
+        return host_stats.host_array(array, like.dtype)
     if isinstance(array, _OnDisk):
         if not is_split(like):
             raise ValueError(f"{array.name} is split in the checkpoint, not in this run")

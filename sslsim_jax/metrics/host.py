@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslsim_jax import lapack
 from sslsim_jax.memory import usable_cores
 from sslsim_jax.metrics import kernels
 
@@ -48,23 +49,14 @@ def applies(b: kernels.Blocks) -> bool:
 
 @functools.cache
 def _gesdd(dtype: str):
-    """LAPACK ``?gesdd`` of scipy's Cython API as a ctypes function (ctypes releases the GIL
-    for the call, which scipy's own wrappers do not), or None where it cannot be found."""
-    try:
-        from scipy.linalg import cython_lapack
-
-        capsule = cython_lapack.__pyx_capi__[{"float32": "sgesdd", "float64": "dgesdd"}[dtype]]
-        name = ctypes.pythonapi.PyCapsule_GetName
-        name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-        pointer = ctypes.pythonapi.PyCapsule_GetPointer
-        pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        address = pointer(capsule, name(capsule))
-    except (ImportError, AttributeError, KeyError, ValueError):
-        return None
-    real = ctypes.POINTER(ctypes.c_float if dtype == "float32" else ctypes.c_double)
+    """LAPACK ``?gesdd`` as a ctypes function (`sslsim_jax.lapack`: the GIL released for the
+    call, which scipy's own wrappers do not) and its pointer type, or None."""
+    real = lapack.real_pointer(dtype)
     ints = ctypes.POINTER(ctypes.c_int)
     args = (ctypes.c_char_p, ints, ints, real, ints, real, real, ints, real, ints, real, ints)
-    return ctypes.CFUNCTYPE(None, *args, ints, ints)(address), real
+    name = {"float32": "sgesdd", "float64": "dgesdd"}[dtype]
+    found = lapack.routine("lapack", name, *args, ints, ints)
+    return None if found is None else (found, real)
 
 
 def svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -556,15 +556,32 @@ def warn_degenerate(
         )
 
 
-@functools.partial(jax.jit, static_argnames=("variance", "variance_rule", "rtol", "spectral"))
+@functools.partial(
+    jax.jit, static_argnames=("variance", "variance_rule", "rtol", "spectral", "padded")
+)
+def _prepare(m, *, variance, variance_rule, rtol, spectral, padded):
+    b = blocks(m)
+    s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
+    return b if padded else b._replace(comoment=None), s, inv_sd(b)
+
+
 def prepare(
     m: stats.Moments, *, variance: float, variance_rule: str, rtol: float | None, spectral: bool
 ) -> tuple[Blocks, Spectra | None, jax.Array]:
     """The per-network intermediates of every all-pairs metric: `blocks`, `spectra` (when
-    ``spectral``) and `inv_sd`, in one compiled program."""
-    b = blocks(m)
-    s = spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule) if spectral else None
-    return b, s, inv_sd(b)
+    ``spectral``) and `inv_sd`, in one compiled program.
+
+    When every network has the same width and the co-moment is a host array, the blocks'
+    [K, P, K, P] co-moment is the same memory reshaped, not a copy out of the program (GBs;
+    `sslsim_jax.host_stats` allocates it so that JAX takes it without a copy too).
+    """
+    k, p = len(m.sizes), max(m.sizes)
+    view = isinstance(m.comoment, np.ndarray) and all(s == p for s in m.sizes)
+    kw = dict(variance=variance, variance_rule=variance_rule, rtol=rtol, spectral=spectral)
+    b, s, isd = _prepare(m, padded=not view, **kw)
+    if view:
+        b = b._replace(comoment=jax.device_put(m.comoment.reshape(k, p, k, p)))
+    return b, s, isd
 
 
 joint_pair = jax.jit(lambda x, y, where: stats.joint_moments([x, y], where=where))
