@@ -1,9 +1,9 @@
 """`stats.update`'s streaming form with the co-moment in host memory, its Gram added by BLAS.
 
 On a CPU, the co-moment's block products are most of an analysis's cost beyond the models'
-forward passes, and XLA's CPU matmuls run them at about 40 % of OpenBLAS's rate: for the 26
+forward passes, and XLA's CPU matmuls run them at about half OpenBLAS's rate: for the 26
 networks of two base models (D = 19968) and a batch of 500 frames, the jitted
-``stats.update(upper=True)`` takes 3.2 s, ``?gemm`` into the same upper blocks 1.2 s
+``stats.update(upper=True)`` takes 3.3 s, this update 1.7 s (its ``?gemm`` 1.3 s)
 (`scripts/bench_update.py`, 2 cores). Here the co-moment is a writable NumPy array and each
 batch's Gram is added into it in place by BLAS, one block row at a time; everything that does
 not touch the co-moment runs in the same JAX code as `stats.update` (`stats.fold_batch`,
