@@ -509,16 +509,18 @@ def test_top_neuron_matches_equal_a_sort_of_each_pair():
             "correlation": rng.choice([0.9, -0.9, 0.5, np.nan, *rng.random(40)], n),
         }
     )
-    got = report._top_matches(neurons, models, 7)
-    expected = []
-    for a in models:
-        for b in models:
-            rows = neurons[(neurons.model_a == a) & (neurons.model_b == b)]
-            if a != b and len(rows):
-                order = rows.correlation.abs().sort_values(ascending=False, kind="stable").index
-                expected.append((a, b, rows.loc[order][:7]))
-    assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in expected]
-    for (_, _, rows), (_, _, want) in zip(got, expected, strict=True):
-        pd.testing.assert_frame_equal(rows, want)
+    for top in (7, 1000):  # fewer than a pair's rows (ties at the cut), and more
+        got = report._top_matches(neurons, models, top)
+        expected = []
+        for a in models:
+            for b in models:
+                rows = neurons[(neurons.model_a == a) & (neurons.model_b == b)]
+                if a != b and len(rows):
+                    magnitude = rows.correlation.abs()
+                    order = magnitude.sort_values(ascending=False, kind="stable").index
+                    expected.append((a, b, rows.loc[order][:top]))
+        assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in expected]
+        for (_, _, rows), (_, _, want) in zip(got, expected, strict=True):
+            pd.testing.assert_frame_equal(rows, want)
     one_model = neurons[(neurons.model_a == "hub-pre") & (neurons.model_b == "hub-pre")]
     assert report._top_matches(one_model, models, 7) == []
