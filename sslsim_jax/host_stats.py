@@ -46,12 +46,30 @@ def applies(mesh: jax.sharding.Mesh, dtype) -> bool:
 # Host co-moments start on a 2 MiB boundary: JAX takes such arrays as arguments without a copy
 # (a copy of GBs, seconds on some VMs), and NumPy's own allocation asks for huge pages.
 ALIGN = 2 * 2**20
+# Columns of the lower blocks `mirror_upper` copies at a time.
+_TILE = 768
+
+
+def _bounds(sizes) -> list[tuple[int, int]]:
+    """(first column, end column) of each network."""
+    offsets = np.cumsum((0, *sizes)).tolist()
+    return list(zip(offsets[:-1], offsets[1:], strict=True))
+
+
+def _is_host(c) -> bool:
+    return (
+        isinstance(c, np.ndarray)
+        and c.flags.c_contiguous
+        and c.flags.writeable
+        and c.dtype in (np.float32, np.float64)
+        and c.ctypes.data % ALIGN == 0
+    )
 
 
 def host_array(x, dtype=None) -> np.ndarray:
     """``x`` as a writable, C-ordered NumPy array starting on an `ALIGN` boundary: ``x``
     itself when it is one, else an aligned copy."""
-    if isinstance(x, np.ndarray) and _is_host(x) and (dtype is None or x.dtype == dtype):
+    if _is_host(x) and (dtype is None or x.dtype == dtype):
         return x
     x = np.asarray(x, dtype)
     raw = np.empty(x.nbytes + ALIGN, np.uint8)
@@ -68,16 +86,6 @@ def _zeros(shape, dtype) -> np.ndarray:
 def init(sizes, dtype=np.float32) -> stats.Moments:
     """Empty statistics (`stats.init`) as aligned NumPy arrays, ready for `update`."""
     return stats.init(sizes, dtype, zeros=_zeros)
-
-
-def _is_host(c) -> bool:
-    return (
-        isinstance(c, np.ndarray)
-        and c.flags.c_contiguous
-        and c.flags.writeable
-        and c.dtype in (np.float32, np.float64)
-        and c.ctypes.data % ALIGN == 0
-    )
 
 
 def to_host(m: stats.Moments) -> stats.Moments:
@@ -114,9 +122,8 @@ def _rows(small: stats.Moments, b: stats.Batch, left, right, diag, c_a):
 def _block_matvec_upper(c: np.ndarray, v: np.ndarray, sizes) -> np.ndarray:
     """`stats._block_matvec_upper` of a host co-moment: [D, K] whose column k is the product
     of the symmetric matrix's column block k with v's block k, read from the upper blocks."""
-    offsets = np.cumsum((0, *sizes))
     out = np.empty((c.shape[0], len(sizes)), c.dtype)
-    for k, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+    for k, (lo, hi) in enumerate(_bounds(sizes)):
         out[:hi, k] = c[:hi, lo:hi] @ v[lo:hi]  # rows of networks ≤ k: column block k
         out[hi:, k] = v[lo:hi] @ c[lo:hi, hi:]  # rows of networks > k: row block k
     return out
@@ -134,9 +141,8 @@ def add_upper_gram(c: np.ndarray, left: np.ndarray, right: np.ndarray, sizes) ->
     ref = ctypes.byref
     one = (ctypes.c_float if c.dtype == np.float32 else ctypes.c_double)(1.0)
     n, ld = ctypes.c_int(left.shape[0]), ctypes.c_int(d)
-    offsets = np.cumsum((0, *sizes))
     step = c.itemsize
-    for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+    for lo, hi in _bounds(sizes):
         # In column-major terms c's block row a, c[lo:hi, lo:], is the [D - lo, D_a] matrix
         # at &c[lo, lo] with leading dimension D; it gains right[:, lo:]ᵀ left[:, lo:hi].
         gemm(
@@ -171,13 +177,9 @@ def mirror_upper(m: stats.Moments) -> stats.Moments:
     from its upper ones, 768-column tiles at a time (a whole transposed copy strides through
     memory)."""
     c = _host_comoment(m)
-    offsets = np.cumsum((0, *m.sizes)).tolist()
     d = c.shape[0]
-    for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
+    for lo, hi in _bounds(m.sizes):
         for start in range(hi, d, _TILE):
             stop = min(start + _TILE, d)
             c[start:stop, lo:hi] = c[lo:hi, start:stop].T
     return m
-
-
-_TILE = 768

@@ -249,8 +249,7 @@ def extract(
     state = state_lib.init_state(sizes, settings, entries, mesh, attention_pairs, host=on_host)
     if state_path:
         state = state_lib.load_checkpoint(state_path, state)
-    if on_host:
-        state.moments = host_stats.to_host(state.moments)
+    if on_host:  # host arrays from `init_state` or the checkpoint (`state._place`)
         update = _host_update
     elif settings.stat_shards == 1:  # where the donating updates leave them
         state.moments = jax.device_put(state.moments, replicated)
