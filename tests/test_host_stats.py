@@ -87,6 +87,12 @@ def test_bad_input_is_named():
     read_only = h.replace(comoment=np.asarray(jnp.zeros((5, 5))))
     with pytest.raises(ValueError, match="writable"):
         host_stats.update(read_only, np.zeros((4, 5), np.float32))
+    c = host_stats.host_array(np.zeros((5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"expected C-ordered \[N, 5\] float32 factors"):
+        host_stats.add_upper_gram(c, np.zeros((4, 5)), np.zeros((4, 5)), (3, 2))  # float64
+    with pytest.raises(ValueError, match=r"expected C-ordered \[N, 5\] float32 factors, got"):
+        host_stats.add_upper_gram(c, np.zeros((5, 4), np.float32).T, np.zeros((4, 5)), (3, 2))
+    np.testing.assert_array_equal(c, 0)  # refused before anything was added
 
 
 def test_applies_to_one_cpu_device_and_a_blas_dtype():
