@@ -57,3 +57,18 @@ def peak_rss() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def log_compiles(min_seconds: float = 0.5) -> None:
+    """From now on, print each XLA compilation of at least ``min_seconds`` as it ends: the jitted
+    function's name and the seconds (stderr, flushed), so a run cut short still says what it
+    was compiling."""
+    import sys
+
+    import jax
+
+    def listen(event: str, seconds: float, fun_name: str = "?", **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration" and seconds >= min_seconds:
+            print(f"# compiled {fun_name} in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)

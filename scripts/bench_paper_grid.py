@@ -4,8 +4,8 @@ Two timings, compilation apart (each jitted call runs once first; its XLA compil
 from `sslsim_jax.compile_log`):
 
 - ``update``: one batch of ``--frames`` frames folded into the joint statistics of every layer
-  of the paper's models (`paper_plan.MODELS`; all eight: 4 × 13 networks of 768 and 4 × 25 of
-  1024, 142,336 columns, an 81 GB co-moment), with the update `extract` runs on a device
+  of the paper's models (`paper_plan.MODELS`; all eight: 156 networks, 146,432 columns, an
+  86 GB co-moment), with the update `extract` runs on a device
   (`stats.update`, upper blocks, statistics donated). Skipped, with the reason, when the
   device cannot hold the co-moment and the batch.
 - ``metrics``: the analysis's metric stage (the call of `analysis.tables.pair_values`: the
@@ -22,14 +22,16 @@ from `sslsim_jax.compile_log`):
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _bench import machine
+from _bench import log_compiles, machine
 from bench_metrics import make_networks
-from paper_plan import MODELS
+from paper_plan import MODELS, write_configs
 
 from sslsim_jax import stats
 from sslsim_jax.analysis import plan
@@ -42,11 +44,16 @@ FRAMES_PER_SECOND = 50  # one frame per 20 ms of audio in every model
 
 
 def grid_sizes(models: list[str]) -> list[int]:
-    """Every layer's width (the CNN output and each transformer layer) of ``models``."""
+    """The width of every network an analysis of ``models`` compares (`layers_for` of each
+    model's full-size config, as `sslsim analyze --plan` counts them)."""
+    from sslsim_jax.analysis.networks import layers_for
+    from sslsim_jax.models import ModelConfig
+
     sizes = []
-    for name in models:
-        _, size, _ = MODELS[name]
-        sizes += [size["hidden_size"]] * (size["num_hidden_layers"] + 1)
+    with tempfile.TemporaryDirectory() as folder:
+        for path in write_configs(folder, models):
+            config = ModelConfig.from_json_file(os.path.join(path, "config.json"))
+            sizes += [config.hidden_size] * len(layers_for(config, os.path.basename(path), None))
     return sizes
 
 
@@ -65,6 +72,10 @@ def first_and_rest(fn, repeats: int) -> tuple[float, float, dict]:
     return first, float(np.median(times)) if times else float("nan"), compiled
 
 
+def update_upper(m: stats.Moments, z: jax.Array) -> stats.Moments:
+    return stats.update(m, z, upper=True)
+
+
 def bench_update(sizes: list[int], frames: int, repeats: int) -> None:
     width = sum(sizes)
     need = 4 * width * (width + 2 * frames)  # the co-moment, the batch and its centred copy
@@ -75,7 +86,7 @@ def bench_update(sizes: list[int], frames: int, repeats: int) -> None:
         print(f"skipped: needs {plan.size_text(need)}, the device holds {plan.size_text(limit)} "
               f"({source})")  # fmt: skip
         return
-    update = jax.jit(lambda m, z: stats.update(m, z, upper=True), donate_argnums=0)
+    update = jax.jit(update_upper, donate_argnums=0)
     m = stats.init(sizes)
     z = jax.random.normal(jax.random.key(0), (frames, width), jnp.float32)
     box = [m]
@@ -145,7 +156,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="highest", help="matmul precision")
     parser.add_argument("--skip-update", action="store_true")
+    parser.add_argument(
+        "--log-compiles", action="store_true", help="log each compilation as it ends (stderr)"
+    )
     args = parser.parse_args()
+    if args.log_compiles:
+        log_compiles()
     sizes = grid_sizes(args.models)
     print(f"# {machine()}; precision {args.precision}")
     with jax.default_matmul_precision(args.precision):

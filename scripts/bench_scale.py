@@ -60,6 +60,9 @@ def main() -> None:
         "--size", choices=["base", "large"], help="two random-weight models of this size"
     )
     parser.add_argument("--precision", default="highest", help="matmul precision of the run")
+    parser.add_argument(
+        "--log-compiles", action="store_true", help="log each compilation as it ends (stderr)"
+    )
     args = parser.parse_args()
     if args.fake_devices:
         if "jax" in sys.modules:
@@ -70,7 +73,10 @@ def main() -> None:
         )
 
     import jax
-    from _bench import machine
+    from _bench import log_compiles, machine
+
+    if args.log_compiles:
+        log_compiles()
     from bench_pipeline import make_audio
 
     from sslsim_jax import audio, demo

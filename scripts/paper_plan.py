@@ -37,11 +37,14 @@ MODELS = {
 }
 
 
-def write_configs(folder: str) -> list[str]:
+def write_configs(folder: str, names: list[str] | None = None) -> list[str]:
+    """Writes the config.json of each model of ``names`` (default: all of `MODELS`) into its
+    own folder under ``folder``; returns the folders."""
     from transformers import HubertConfig, Wav2Vec2Config
 
     paths = []
-    for name, (kind, size, ctc) in MODELS.items():
+    for name in names or MODELS:
+        kind, size, ctc = MODELS[name]
         cls = {"wav2vec2": Wav2Vec2Config, "hubert": HubertConfig}[kind]
         arch = {"wav2vec2": "Wav2Vec2", "hubert": "Hubert"}[kind]
         config = cls(**size, architectures=[f"{arch}ForCTC" if ctc else f"{arch}Model"])
