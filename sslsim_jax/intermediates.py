@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -77,6 +78,14 @@ def forward(
     )
 
 
+# One jitted forward for every model: the module (a hashable, field-compared dataclass) is a
+# static argument, so models with equal modules (the same config, dtype and precision, whatever
+# their weights) share each compiled program instead of compiling their own.
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward(module, params, waveforms, lengths, attentions):
+    return forward(module, params, waveforms, lengths, attentions)  # looked up when traced
+
+
 class SpeechModel:
     """A loaded Wav2Vec2/HuBERT model: config, params and a jit-compiled forward pass.
 
@@ -101,19 +110,17 @@ class SpeechModel:
             raise ValueError(f"expected attention_block >= 1 or None, got {attention_block}")
         self.config = config
         param_dtype = jax.tree.leaves(params)[0].dtype
-        self.module = SpeechEncoder(
-            config,
+        module = functools.partial(
+            SpeechEncoder,
             dtype=dtype,
             param_dtype=param_dtype,
             precision=precision,
             attention_block=attention_block,
         )
+        self.module = module(config)
+        self.encoder_module = module(config.encoder())  # the same without the CTC head
         self.params = jax.device_put(params)
         self.path = path
-        self._forward = jax.jit(
-            lambda p, w, n, attentions: forward(self.module, p, w, n, attentions),
-            static_argnums=3,
-        )
 
     def placed(self, sharding: Any) -> SpeechModel:
         """This model with its params on ``sharding``'s devices (e.g. replicated over a mesh,
@@ -186,18 +193,22 @@ class SpeechModel:
             )
 
     def intermediates(
-        self, waveforms: Any, lengths: Any = None, attentions: bool = False
+        self, waveforms: Any, lengths: Any = None, attentions: bool = False, logits: bool = True
     ) -> Intermediates:
         """Runs the model on a padded batch and returns every layer's intermediates.
 
-        Jit-compiled once per (padded shape, ``attentions``); a new batch of the same padded
-        shape does not recompile.
+        Jit-compiled once per (padded shape, ``attentions``, ``logits``); a new batch of the
+        same padded shape does not recompile, and neither does another model whose module is
+        equal (same config, dtype and precision; with ``logits=False``, same
+        `ModelConfig.encoder`).
 
         Args:
             waveforms: [B, S] float model input values (transformers' ``input_values``:
                 16 kHz, normalised as the model's feature extractor does).
             lengths: [B] int valid samples per utterance; None means all S are valid.
             attentions: also return attention probabilities [L, B, H, T, T].
+            logits: also run the CTC head, if the model has one; False runs the encoder alone
+                (``logits`` is then None), the program models of one layout share.
 
         Returns:
             ``Intermediates``; valid frames are equal to running each utterance alone.
@@ -209,7 +220,12 @@ class SpeechModel:
         waveforms, lengths = self.check_inputs(waveforms, lengths)
         if attentions:
             self.check_attention_memory(*np.shape(waveforms))
-        return self._forward(self.params, jnp.asarray(waveforms, jnp.float32), lengths, attentions)
+        waveforms = jnp.asarray(waveforms, jnp.float32)
+        if logits:
+            return _forward(self.module, self.params, waveforms, lengths, attentions)
+        # A plain dict with or without a head: one tree structure for every model of a layout.
+        encoder = {k: v for k, v in self.params.items() if k != "lm_head"}
+        return _forward(self.encoder_module, encoder, waveforms, lengths, attentions)
 
 
 def load_model(

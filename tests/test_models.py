@@ -184,11 +184,44 @@ def test_no_recompile_for_same_padded_shape(built, monkeypatch):
     # The jitted forward calls the module's `forward` each time it traces: at most 2 traces.
     traced = chex.assert_max_traces(intermediates_module.forward, n=2)
     monkeypatch.setattr(intermediates_module, "forward", traced)
+    intermediates_module._forward.clear_cache()  # shared by every model: other tests filled it
     model.intermediates(hf_models.waveform(2000, 2, seed=0), np.array([2000, 1500]))
     model.intermediates(hf_models.waveform(2000, 2, seed=1), np.array([1200, 2000]))  # same shape
     model.intermediates(hf_models.waveform(2000, 2, seed=1), attentions=True)  # a new program
     with pytest.raises(AssertionError, match="traced > 2 times"):
         model.intermediates(hf_models.waveform(3000, 2, seed=1))
+
+
+def test_models_of_one_layout_share_the_compiled_encoder(built):
+    """wav2vec2 with a CTC head and HuBERT without one, same layout, other weights: with
+    ``logits=False`` the second runs the first's compiled encoder (the analysis's path), and
+    its hidden states are those of its own full forward."""
+    from sslsim_jax.compile_log import compile_log
+
+    a = sslsim_jax.load_model(built("wav2vec2-group-postln-ctc")[0])
+    b = sslsim_jax.load_model(built("hubert-group-postln")[0])  # built with a's seed: new weights
+    b = sslsim_jax.SpeechModel(b.config, jax.tree.map(lambda p: 0.9 * p, b.params))
+    other = sslsim_jax.load_model(built("hubert-odd-sizes")[0])
+    assert a.config != b.config and a.config.encoder() == b.config.encoder()
+    x, lens = hf_models.waveform(2345, 2, seed=3), np.array([2345, 1700])
+    first = a.intermediates(x, lens, logits=False)
+    assert first.logits is None
+    with compile_log() as compiled:
+        out = b.intermediates(x, lens, logits=False)
+    assert compiled["compilations"] == 0
+    with compile_log() as compiled:  # another layout compiles its own
+        other.intermediates(x, lens, logits=False)
+    assert compiled["compilations"] >= 1
+    for model, encoder in ((a, first), (b, out)):
+        full = model.intermediates(x, lens)
+        np.testing.assert_array_equal(np.asarray(encoder.hidden_states), full.hidden_states)
+        np.testing.assert_array_equal(np.asarray(encoder.frame_mask), full.frame_mask)
+        np.testing.assert_array_equal(
+            np.asarray(encoder.final_hidden_state), full.final_hidden_state
+        )
+    assert full.logits is None and a.intermediates(x, lens).logits.shape[-1] == 11
+    # The same frames, other weights: not one program's output reused.
+    assert not np.allclose(first.hidden_states[-1], out.hidden_states[-1])
 
 
 def test_sow_exposes_intermediates_to_direct_module_users(built):

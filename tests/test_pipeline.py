@@ -508,8 +508,9 @@ def test_each_model_traces_once_per_batch_shape(models, tmp_path, monkeypatch):
 
     # 5 clips cropped to 1 s (one padded length) in batches of 2, 2 and 1: batch sizes 2 and 1.
     settings = Settings(metrics=("linear_cka",), max_seconds=1.0, batch_seconds=2.0)
-    traced = chex.assert_max_traces(intermediates_module.forward, n=4)  # 2 models x 2 shapes
+    traced = chex.assert_max_traces(intermediates_module.forward, n=4)  # 2 layouts x 2 shapes
     monkeypatch.setattr(intermediates_module, "forward", traced)
+    intermediates_module._forward.clear_cache()  # shared by every model: other tests filled it
     analyze(models, SPEECH, tmp_path / "o", settings, progress=False, report=False)
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["compilation"]["batch_shapes"] == [[1, 16000], [2, 16000]]

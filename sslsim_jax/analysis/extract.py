@@ -292,7 +292,10 @@ def extract(
             for entry in entries:
                 padded = audio.normalize(raw, lens) if entry.normalize else raw
                 out = entry.model.intermediates(
-                    distributed.shard_batch(padded, mesh), lens, attentions=settings.attention
+                    distributed.shard_batch(padded, mesh),
+                    lens,
+                    attentions=settings.attention,
+                    logits=False,  # models of one layout share the compiled encoder
                 )
                 # No host sync per model: the mask comes from the lengths, the NaN/Inf flags
                 # stay on the device until `_raise_if_bad` reads them.

@@ -111,6 +111,17 @@ class ModelConfig:
         if self.ctc_head and (self.vocab_size is None or self.vocab_size < 1):
             fail("vocab_size", self.vocab_size, "a CTC head needs a positive vocab_size")
 
+    def encoder(self) -> ModelConfig:
+        """This config without what leaves the encoder's computation unchanged: no CTC head,
+        and one model type (the modules read the layout from fields, never from
+        ``model_type``). Models whose encoders compute alike, such as wav2vec2-base and
+        hubert-base-ls960 or a model and its CTC fine-tuned counterpart, have equal encoder
+        configs, so their hidden states come from one compiled program
+        (`SpeechModel.intermediates` with ``logits=False``)."""
+        return dataclasses.replace(
+            self, model_type=SUPPORTED_MODEL_TYPES[0], ctc_head=False, vocab_size=None
+        )
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
