@@ -1,10 +1,11 @@
 """What an analysis costs above its forward passes: `analyze` against forward-only, same audio.
 
-Two random-weight base-size models (wav2vec2-base and hubert-base layouts), every layer
+Two random-weight base-size models (the wav2vec2-base layout, which hubert-base shares;
+seeds 0 and 1, so they share one compiled encoder as those two models do), every layer
 (2 × 13 networks of 768), over N seconds of speech (the shipped clips, tiled into 10 s files).
 Each case runs in a fresh process (so each pays its own compilation, as a user does; building
-the random models is not timed) and prints its wall time, the seconds XLA spent compiling, and
-the process's peak resident memory:
+the random models is not timed) and prints its wall time, the number of XLA compilations and
+their seconds, and the process's peak resident memory:
 
 - ``forward``: both models over the same batches as `analyze` (`inputs.plan_batches`, padded
   alike), every hidden state fetched to the device's memory and waited for; no statistics;
@@ -101,8 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}")
     print(f"# two random base-size models, every layer (26 networks), {args.seconds:.0f} s")
-    print("| case | wall (s) | compile (s) | peak RSS (GiB) | / forward |")
-    print("|---|---|---|---|---|")
+    print("| case | wall (s) | compilations | compile (s) | peak RSS (GiB) | / forward |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "audio")
         os.makedirs(folder)
@@ -113,7 +114,8 @@ def main() -> None:
             base = r["wall"] if case == "forward" else base
             ratio = f"{r['wall'] / base:.2f}×" if base else "–"
             print(
-                f"| {case} | {r['wall']:.1f} | {r['compile_seconds']:.1f} | {r['peak']:.2f} | "
+                f"| {case} | {r['wall']:.1f} | {r['compilations']} | {r['compile_seconds']:.1f} | "
+                f"{r['peak']:.2f} | "
                 f"{ratio} |",
                 flush=True,
             )
