@@ -41,7 +41,7 @@ from sslsim_jax.analysis.inputs import (
     poisson_weights,
     prefetch,
 )
-from sslsim_jax.analysis.networks import ModelEntry, hidden_state, network_sizes
+from sslsim_jax.analysis.networks import ModelEntry, network_sizes
 from sslsim_jax.analysis.plan import size_text, statistics_bytes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import State
@@ -92,15 +92,14 @@ def _map_updater(mesh: jax.sharding.Mesh) -> Callable:
     return jax.jit(attention_maps.update, out_shardings=distributed.replicated(mesh))
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _layer_columns(out, mask: jax.Array, layers: tuple[str, ...]) -> tuple[list, jax.Array]:
-    """(each kept layer's frames [B*T, D], NaN/Inf flags [layers, B]) of a model's
-    intermediates: one compiled program per layout and batch shape, not a dozen small ones
-    dispatched op by op. A flag is set where a valid frame (``mask`` [B, T]) of the utterance
-    holds NaN or Inf in that layer; flags are read later (`_raise_if_bad`), not per model."""
-    hidden = [hidden_state(out, label) for label in layers]
-    bad = jnp.stack([jnp.any(~jnp.isfinite(h.astype(jnp.float32)), axis=-1) for h in hidden])
-    return [h.reshape(-1, h.shape[-1]) for h in hidden], jnp.any(bad & mask, axis=-1)
+def _bad_frames(entry: ModelEntry, out, mask: jax.Array) -> jax.Array:
+    """[layers, B] device flags: a valid frame of the utterance holds NaN or Inf in that kept
+    layer. Computed where the activations are; read later (`_raise_if_bad`), not per model."""
+    bad = jnp.stack(
+        [jnp.any(~jnp.isfinite(entry.hidden(out, label).astype(jnp.float32)), axis=-1)
+         for label in entry.layers]
+    )  # fmt: skip
+    return jnp.any(bad & mask, axis=-1)
 
 
 def _raise_if_bad(pending: list[tuple[ModelEntry, jax.Array, Sequence[str]]]) -> None:
@@ -301,10 +300,11 @@ def extract(
                 # No host sync per model: the mask comes from the lengths, the NaN/Inf flags
                 # stay on the device until `_raise_if_bad` reads them.
                 frame_mask = host_frame_mask(entry, raw.shape[1], lens, real)  # [B, T]
-                kept, flags = _layer_columns(out, frame_mask, tuple(entry.layers))
-                pending.append((entry, flags, paths))
+                pending.append((entry, _bad_frames(entry, out, jnp.asarray(frame_mask)), paths))
                 mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
-                columns += kept  # each [B*T, D]
+                for label in entry.layers:
+                    h = entry.hidden(out, label)
+                    columns.append(h.reshape(-1, h.shape[-1]))  # [B, T, D] -> [B*T, D]
                 if settings.attention:
                     a = out.attentions  # [L, B, H, T, T] -> [B, L*H, T, T]
                     maps[entry.name] = jnp.swapaxes(a, 0, 1).reshape(

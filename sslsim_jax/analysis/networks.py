@@ -36,12 +36,7 @@ class ModelEntry:
 
     def hidden(self, out, label: str) -> jax.Array:
         """[B, T, D] hidden state of layer ``label`` from the model's intermediates."""
-        return hidden_state(out, label)
-
-
-def hidden_state(out, label: str) -> jax.Array:
-    """[B, T, D] hidden state of layer ``label`` ("0".."L" or "final") of intermediates."""
-    return out.final_hidden_state if label == FINAL else out.hidden_states[int(label)]
+        return out.final_hidden_state if label == FINAL else out.hidden_states[int(label)]
 
 
 def model_name(source: str) -> str:
