@@ -67,8 +67,10 @@ def log_compiles(min_seconds: float = 0.5) -> None:
 
     import jax
 
+    from sslsim_jax.compile_log import EVENTS
+
     def listen(event: str, seconds: float, fun_name: str = "?", **_: object) -> None:
-        if event == "/jax/core/compile/backend_compile_duration" and seconds >= min_seconds:
+        if EVENTS.get(event) == "compile_seconds" and seconds >= min_seconds:
             print(f"# compiled {fun_name} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     jax.monitoring.register_event_duration_secs_listener(listen)

@@ -22,7 +22,6 @@ from `sslsim_jax.compile_log`):
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -44,17 +43,13 @@ FRAMES_PER_SECOND = 50  # one frame per 20 ms of audio in every model
 
 
 def grid_sizes(models: list[str]) -> list[int]:
-    """The width of every network an analysis of ``models`` compares (`layers_for` of each
-    model's full-size config, as `sslsim analyze --plan` counts them)."""
-    from sslsim_jax.analysis.networks import layers_for
-    from sslsim_jax.models import ModelConfig
+    """The width of every network an analysis of ``models`` compares, counted as
+    ``sslsim analyze --plan`` counts them (`run.planned_networks`)."""
+    from sslsim_jax.analysis import Settings
+    from sslsim_jax.analysis.run import planned_networks
 
-    sizes = []
     with tempfile.TemporaryDirectory() as folder:
-        for path in write_configs(folder, models):
-            config = ModelConfig.from_json_file(os.path.join(path, "config.json"))
-            sizes += [config.hidden_size] * len(layers_for(config, os.path.basename(path), None))
-    return sizes
+        return planned_networks(write_configs(folder, models), Settings())[1]
 
 
 def first_and_rest(fn, repeats: int) -> tuple[float, float, dict]:

@@ -148,9 +148,11 @@ def make_plan(entries: Sequence[ModelEntry], settings: Settings) -> Plan:
     )
 
 
-def describe_plan(models: Sequence[str | tuple[str, SpeechModel]], settings: Settings) -> str:
-    """The plan of an analysis (`make_plan`), from the models' config.json alone: no weights
-    are read and nothing is run (``sslsim analyze ... --plan``)."""
+def planned_networks(
+    models: Sequence[str | tuple[str, SpeechModel]], settings: Settings
+) -> tuple[list[str], list[int], list[str]]:
+    """(names, widths, model of each) of the networks an analysis of ``models`` compares, from
+    the models' config.json alone: no weights are read."""
     from sslsim_jax import checkpoints
     from sslsim_jax.models import ModelConfig
 
@@ -170,6 +172,13 @@ def describe_plan(models: Sequence[str | tuple[str, SpeechModel]], settings: Set
             names.append(f"{name}:{label}")
             sizes.append(config.hidden_size)
             model_of.append(name)
+    return names, sizes, model_of
+
+
+def describe_plan(models: Sequence[str | tuple[str, SpeechModel]], settings: Settings) -> str:
+    """The plan of an analysis (`make_plan`), from the models' config.json alone: no weights
+    are read and nothing is run (``sslsim analyze ... --plan``)."""
+    names, sizes, model_of = planned_networks(models, settings)
     plan = plan_passes(
         sizes, budget=memory_budget(settings), bootstrap=settings.bootstrap,
         shards=settings.stat_shards,
