@@ -5,7 +5,8 @@ seeds 0 and 1, so they share one compiled encoder as those two models do), every
 (2 × 13 networks of 768), over N seconds of speech (the shipped clips, tiled into 10 s files).
 Each case runs in a fresh process (so each pays its own compilation, as a user does; building
 the random models is not timed) and prints its wall time, the number of XLA compilations and
-their seconds, and the process's peak resident memory:
+their seconds, the process's peak resident memory and, for the analyses, `run.json`'s
+seconds by stage:
 
 - ``forward``: both models over the same batches as `analyze` (`inputs.plan_batches`, padded
   alike), every hidden state fetched to the device's memory and waited for; no statistics;
@@ -63,7 +64,11 @@ with compile_log() as compiled:
         analyze(models, folder, out, settings, progress=False, report=False)
 wall = time.perf_counter() - start
 peak = peak_rss() / 2**30  # VmHWM, GiB
-print("RESULT" + json.dumps({{"wall": wall, "peak": peak, **compiled}}))
+stages = {{}}
+if case != "forward":
+    with open(out + "/run.json") as f:
+        stages = json.load(f)["seconds"]
+print("RESULT" + json.dumps({{"wall": wall, "peak": peak, "stages": stages, **compiled}}))
 """
 
 
@@ -102,8 +107,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {machine()}; load average {os.getloadavg()[0]:.1f}")
     print(f"# two random base-size models, every layer (26 networks), {args.seconds:.0f} s")
-    print("| case | wall (s) | compilations | compile (s) | peak RSS (GiB) | / forward |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| case | wall (s) | compilations | compile (s) | peak RSS (GiB) | / forward "
+        "| statistics, metrics, checkpoint, tables (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "audio")
         os.makedirs(folder)
@@ -113,10 +121,12 @@ def main() -> None:
             r = run(case, folder, os.path.join(tmp, case))
             base = r["wall"] if case == "forward" else base
             ratio = f"{r['wall'] / base:.2f}×" if base else "–"
+            stages = r["stages"]
+            parts = ("statistics", "metrics", "checkpoint", "tables")
+            split = ", ".join(f"{stages[k]:.1f}" for k in parts) if stages else "–"
             print(
                 f"| {case} | {r['wall']:.1f} | {r['compilations']} | {r['compile_seconds']:.1f} | "
-                f"{r['peak']:.2f} | "
-                f"{ratio} |",
+                f"{r['peak']:.2f} | {ratio} | {split} |",
                 flush=True,
             )
     print(f"# load average after: {os.getloadavg()[0]:.1f}")

@@ -321,7 +321,10 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
     fake CPU devices each; each must print ``ok <id>``."""
     port = str(port or free_port())
     env = fake_devices_env(devices)
-    command = [sys.executable, "-c", textwrap.dedent(code)]
+    # A process still running shortly before the limit prints every thread's Python stack and
+    # exits, so that a hang says where it was (the limit's own kill would leave no trace).
+    dump = f"import faulthandler\nfaulthandler.dump_traceback_later({timeout - 20}, exit=True)\n"
+    command = [sys.executable, "-c", dump + textwrap.dedent(code)]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     procs = [subprocess.Popen([*command, str(pid), port], **pipes) for pid in (0, 1)]
     try:
@@ -329,7 +332,7 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        tails = [f"process {pid}: " + p.communicate()[1][-2000:] for pid, p in enumerate(procs)]
+        tails = [f"process {pid}: " + p.communicate()[1][-6000:] for pid, p in enumerate(procs)]
         pytest.fail(f"two processes still running after {timeout} s\n" + "\n".join(tails))
     finally:
         for p in procs:
@@ -337,7 +340,7 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
                 p.kill()
                 p.wait()
     for pid, (p, (stdout, stderr)) in enumerate(zip(procs, results, strict=True)):
-        assert p.returncode == 0 and f"ok {pid}" in stdout, stderr[-3000:]
+        assert p.returncode == 0 and f"ok {pid}" in stdout, stderr[-6000:]
 
 
 def test_two_processes_give_the_one_process_table(one_device, tmp_path):

@@ -140,6 +140,10 @@ def test_outputs_and_provenance(analysis, models):
     compiled = run["compilation"]
     assert compiled["batch_shapes"] and compiled["compilations"] > 0
     assert compiled["compile_seconds"] > 0 and compiled["trace_seconds"] > 0
+    stages = run["seconds"]
+    assert set(stages) == {"statistics", "metrics", "checkpoint", "tables", "total"}
+    assert min(stages.values()) >= 0 and stages["statistics"] > 0 and stages["metrics"] > 0
+    assert sum(stages.values()) - stages["total"] <= stages["total"] + 0.05
     heads = pd.read_csv(out / "attention_heads.csv")
     assert set(heads.method) == {"fro", "js"} and np.isfinite(heads.value).all()
     neurons = pd.read_csv(out / "neurons.csv")

@@ -14,7 +14,12 @@ from sslsim_jax import stats
 from tests.conftest import run_on_devices
 
 SIZES = (3, 5, 4)
-_update = jax.jit(stats.update)
+_update = jax.jit(stats.update, static_argnames="upper")
+# Jitted for the examples of many shapes: one program each instead of every op compiled
+# eagerly for each new shape (about half the time).
+_moments = jax.jit(stats.moments, static_argnames="sizes")
+_merge = jax.jit(stats.merge)
+_mirror_upper = jax.jit(stats.mirror_upper)
 
 
 def reference(z, w, sizes):
@@ -288,9 +293,9 @@ def test_update_equals_merge_of_the_batch_moments(sizes, shift, seed):
     z2 = rng.normal(size=(7, d)) * rng.uniform(0.5, 2, d) + 2 * shift
     w2 = (rng.random(7) > 0.3).astype(np.float64)
     with jax.enable_x64(True):
-        m = stats.moments(z1, sizes=sizes)
-        got = stats.update(m, z2, where=w2)
-        want = stats.merge(m, stats.moments(z2, where=w2, sizes=sizes))
+        m = _moments(z1, sizes=sizes)
+        got = _update(m, z2, where=w2)
+        want = _merge(m, _moments(z2, where=w2, sizes=sizes))
         chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-8)
         z, w = np.concatenate([z1, z2]), np.r_[np.ones(9), w2]
         assert_matches(got, reference(z, w, sizes), 1e-10)
@@ -314,14 +319,14 @@ def test_upper_block_streaming_ignores_the_lower_blocks_and_mirrors_to_update(si
     seg = stats.segment_ids(sizes)
     lower = seg[:, None] > seg[None, :]
     with jax.enable_x64(True):
-        full = stats.moments(batches[0], where=weights[0], sizes=sizes)
+        full = _moments(batches[0], where=weights[0], sizes=sizes)
         streamed = full.replace(
             comoment=np.where(lower, rng.normal(size=(d, d)) * 1e3, full.comoment)
         )
         for z, w in zip(batches[1:], weights[1:], strict=True):
-            full = stats.update(full, z, where=w)
-            streamed = stats.update(streamed, z, where=w, upper=True)
-        mirrored = stats.mirror_upper(streamed)
+            full = _update(full, z, where=w)
+            streamed = _update(streamed, z, where=w, upper=True)
+        mirrored = _mirror_upper(streamed)
         chex.assert_trees_all_close(mirrored, full, rtol=1e-10, atol=1e-8)
         z, w = np.concatenate(batches), np.concatenate(weights)
         assert_matches(mirrored, reference(z, w, sizes), 1e-10)

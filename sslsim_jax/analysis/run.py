@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,6 +121,16 @@ def remove_stale_outputs(out: str, written: set[str]) -> None:
             path = os.path.join(out, name)
             if os.path.isfile(path):
                 os.unlink(path)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str):
+    """Adds the wall seconds of the block to ``seconds[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _model_of(entries: Sequence[ModelEntry]) -> list[str]:
@@ -302,6 +313,8 @@ def _analyze(models, audio_source, out, settings: Settings, *, progress: bool, r
 def _analyze_locked(
     models, audio_source, out, settings, *, progress: bool, report: bool, compiled: dict
 ):
+    began = time.perf_counter()
+    seconds: dict[str, float] = {}  # wall seconds by stage, recorded in run.json
     entries = prepare_models(models, settings)
     process, processes = jax.process_index(), jax.process_count()
     utterances, ids = load_share(audio_source, entries, settings, shard=(process, processes))
@@ -324,25 +337,11 @@ def _analyze_locked(
     # The last checkpoint of a pass (GBs for many networks) is written while its metrics run.
     with CheckpointSaver() as saver:
         for i, p in enumerate(plan.passes):
-            saver.wait()  # the previous pass's, before this pass's statistics take memory
             sub = pass_entries(entries, p.networks)
             suffix = "" if len(plan.passes) == 1 else "-" + _digest([names[n] for n in p.networks])
             # Attention: only the model pairs this pass owns; none -> no attention maps at all.
             pairs = {ab for ab, k in owner.items() if k == i}
             path = os.path.join(out, STATE_DIR, f"{key}{suffix}.npz")
-            state = extract(
-                sub,
-                utterances,
-                settings
-                if pairs or not settings.attention
-                else dataclasses.replace(settings, attention=False),
-                state_path=path,
-                progress=progress,
-                ids=ids,
-                attention_pairs=pairs,
-                finished=functools.partial(saver.save, path),
-            )
-            state = merge_processes(state, settings)
 
             def owned(frame, a=("model_a", "layer_a"), b=("model_b", "layer_b"), p=p):
                 if len(plan.passes) == 1:  # one pass owns every pair
@@ -352,25 +351,46 @@ def _analyze_locked(
                 keep = [p.owns(group_of, x, y) for x, y in zip(ia, ib, strict=True)]
                 return frame[np.asarray(keep, bool)]
 
-            values = pair_values(state, sub, settings)  # each pair's values computed once
-            tables.append(
-                owned(similarity_table(state, sub, settings, progress=progress, values=values))
-            )
-            if pairs:
-                attention_rows, heads = attention_tables(state, sub)
-                maps = attention_map_rows(state, sub, settings)
-                tables += [_owned_models(t, owner, i) for t in (*attention_rows, *maps)]
-                if heads is not None:
-                    head_parts.append(heads)
-                skipped |= {f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()}
-            frames = state.frames
-            if process == 0:
-                owns = None
-                if len(plan.passes) > 1:
-                    owns = [[p.owns(group_of, x, y) for y in p.networks] for x in p.networks]
-                matches.fill(values, p.networks, owns)
-                topk_parts.append(owned(topk_rows(state, sub, settings, values)))
-            del values
+            with _timed(seconds, "statistics"):
+                saver.wait()  # the previous pass's, before this pass's statistics take memory
+                state = extract(
+                    sub,
+                    utterances,
+                    settings
+                    if pairs or not settings.attention
+                    else dataclasses.replace(settings, attention=False),
+                    state_path=path,
+                    progress=progress,
+                    ids=ids,
+                    attention_pairs=pairs,
+                    finished=functools.partial(saver.save, path),
+                )
+                state = merge_processes(state, settings)
+            with _timed(seconds, "metrics"):
+                values = pair_values(state, sub, settings)  # each pair's values computed once
+                tables.append(
+                    owned(similarity_table(state, sub, settings, progress=progress, values=values))
+                )
+                if pairs:
+                    attention_rows, heads = attention_tables(state, sub)
+                    maps = attention_map_rows(state, sub, settings)
+                    tables += [_owned_models(t, owner, i) for t in (*attention_rows, *maps)]
+                    if heads is not None:
+                        head_parts.append(heads)
+                    skipped |= {
+                        f"{a}|{b}|{m}": int(s.skipped) for (a, b, m), s in state.heads.items()
+                    }
+                frames = state.frames
+                if process == 0:
+                    owns = None
+                    if len(plan.passes) > 1:
+                        owns = [[p.owns(group_of, x, y) for y in p.networks] for x in p.networks]
+                    matches.fill(values, p.networks, owns)
+                    topk_parts.append(owned(topk_rows(state, sub, settings, values)))
+                del values
+        waiting = time.perf_counter()  # for the last checkpoint, written while the metrics ran
+    seconds["checkpoint"] = time.perf_counter() - waiting
+    tables_began = time.perf_counter()
     # Attention layers ("model:i", 1-based) sort with the networks of the same name, or after.
     layers = [n for e in entries for n in attention_layer_names(e)] if settings.attention else []
     order = {n: i for i, n in enumerate(dict.fromkeys([*names, *layers]))}
@@ -429,6 +449,14 @@ def _analyze_locked(
         "compilation": {
             "batch_shapes": _batch_shapes(utterances, settings),
             **{k: round(v, 3) for k, v in compiled.items()},
+        },
+        # Wall seconds of this process by stage: the statistics (forward passes, updates,
+        # checkpoints, process merge), the metrics and their tables, the wait for the last
+        # checkpoint, writing the tables; the total from the models' loading to here.
+        "seconds": {
+            **{k: round(v, 2) for k, v in seconds.items()},
+            "tables": round(time.perf_counter() - tables_began, 2),
+            "total": round(time.perf_counter() - began, 2),
         },
     }
     results.write_json(out, results.RUN, run)
