@@ -22,14 +22,24 @@ co-moment is updated in place, so the statistics passed to `update` must not be 
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sslsim_jax import lapack, stats
 
-__all__ = ["add_upper_gram", "applies", "host_array", "init", "mirror_upper", "to_host", "update"]
+__all__ = [
+    "add_upper_gram",
+    "applies",
+    "host_array",
+    "init",
+    "mapped_zeros",
+    "mirror_upper",
+    "to_host",
+    "update",
+]
 
 
 def applies(mesh: jax.sharding.Mesh, dtype) -> bool:
@@ -44,7 +54,7 @@ def applies(mesh: jax.sharding.Mesh, dtype) -> bool:
 
 
 # Host co-moments start on a 2 MiB boundary: JAX takes such arrays as arguments without a copy
-# (a copy of GBs, seconds on some VMs), and NumPy's own allocation asks for huge pages.
+# (a copy of GBs, seconds on some VMs), and the kernel may back them with huge pages.
 ALIGN = 2 * 2**20
 # Columns of the lower blocks `mirror_upper` copies at a time.
 _TILE = 768
@@ -66,21 +76,36 @@ def _is_host(c) -> bool:
     )
 
 
+def mapped_zeros(shape, dtype) -> np.ndarray:
+    """A zeroed, writable, C-ordered array starting on an `ALIGN` boundary, in an anonymous
+    memory mapping of its own: the kernel zero-fills its pages as they are first written, under
+    its own huge-page policy.
+
+    NumPy's allocations of 4 MiB or more ask the kernel for transparent huge pages
+    (``madvise``); where the kernel's ``transparent_hugepage/defrag`` is "madvise" (a common
+    default), every page fault of such memory compacts memory first. On this project's 2-core
+    VM that took 4-6 s to fill 1.6 GB (and no huge page came of it), against about 1 s here.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.frombuffer(mmap.mmap(-1, nbytes + ALIGN), np.uint8)  # keeps the mapping alive
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def host_array(x, dtype=None) -> np.ndarray:
     """``x`` as a writable, C-ordered NumPy array starting on an `ALIGN` boundary: ``x``
-    itself when it is one, else an aligned copy."""
+    itself when it is one, else an aligned copy (in memory of `mapped_zeros`)."""
     if _is_host(x) and (dtype is None or x.dtype == dtype):
         return x
     x = np.asarray(x, dtype)
-    raw = np.empty(x.nbytes + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out = mapped_zeros(x.shape, x.dtype)
     np.copyto(out, x)
     return out
 
 
 def _zeros(shape, dtype) -> np.ndarray:
-    return host_array(np.broadcast_to(np.zeros((), dtype), shape))
+    return mapped_zeros(shape, dtype)
 
 
 def init(sizes, dtype=np.float32) -> stats.Moments:
@@ -158,7 +183,7 @@ def update(m: stats.Moments, z, *, where=None) -> stats.Moments:
     updated in place by BLAS; returns the new statistics, which share it."""
     c = _host_comoment(m)
     d = c.shape[0]
-    z = jnp.asarray(z)
+    z = z if isinstance(z, np.ndarray | jax.Array) else np.asarray(z)  # jit takes either as is
     if z.ndim != 2 or z.shape[1] != d:
         raise ValueError(f"expected z of shape [N, D={d}], got {z.shape}")
     w = stats.frame_weights(where, z.shape[0], c.dtype)

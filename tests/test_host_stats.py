@@ -95,6 +95,20 @@ def test_bad_input_is_named():
     np.testing.assert_array_equal(c, 0)  # refused before anything was added
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_arrays_are_zeroed_aligned_and_writable(dtype):
+    z = host_stats.mapped_zeros((300, 7), dtype)
+    assert z.shape == (300, 7) and z.dtype == dtype and z.flags.c_contiguous and z.flags.writeable
+    assert z.ctypes.data % host_stats.ALIGN == 0 and not z.any()
+    x = np.arange(12, dtype=np.float64).reshape(3, 4)[:, ::2]  # strided, another dtype
+    c = host_stats.host_array(x, dtype)
+    assert c.dtype == dtype and c.flags.c_contiguous and c.ctypes.data % host_stats.ALIGN == 0
+    np.testing.assert_array_equal(c, x)
+    assert host_stats.host_array(c) is c  # already one: no copy
+    c[0, 0] = 5.0  # its own memory
+    assert x[0, 0] == 0.0
+
+
 def test_applies_to_one_cpu_device_and_a_blas_dtype():
     mesh = distributed.make_mesh(1, local=True)
     assert host_stats.applies(mesh, np.float32) and host_stats.applies(mesh, np.float64)

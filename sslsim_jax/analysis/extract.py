@@ -43,7 +43,7 @@ from sslsim_jax.analysis.inputs import (
 )
 from sslsim_jax.analysis.networks import ModelEntry, network_sizes
 from sslsim_jax.analysis.plan import size_text, statistics_bytes
-from sslsim_jax.analysis.settings import AnalysisError, Settings
+from sslsim_jax.analysis.settings import FINAL, AnalysisError, Settings
 from sslsim_jax.analysis.state import State
 from sslsim_jax.metrics import attention as attn
 from sslsim_jax.metrics import attention_maps
@@ -100,6 +100,22 @@ def _bad_frames(entry: ModelEntry, out, mask: jax.Array) -> jax.Array:
          for label in entry.layers]
     )  # fmt: skip
     return jnp.any(bad & mask, axis=-1)
+
+
+def _host_layers(entry: ModelEntry, out) -> list[np.ndarray]:
+    """The kept layers of ``out`` as NumPy views [B*T, D] of the CPU buffers: on the host path
+    no small XLA program is compiled per batch shape to slice, check or join them."""
+    hidden = np.asarray(out.hidden_states)  # [L+1, B, T, D], waits for the forward pass
+    final = np.asarray(out.final_hidden_state) if FINAL in entry.layers else None
+    layers = [final if label == FINAL else hidden[int(label)] for label in entry.layers]
+    return [h.reshape(-1, h.shape[-1]) for h in layers]
+
+
+def _host_bad_frames(columns: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """[layers, B] flags of `_bad_frames` from the NumPy layers of `_host_layers` and the
+    [B, T] frame mask."""
+    bad = np.stack([~np.isfinite(h).all(axis=-1).reshape(mask.shape) for h in columns])
+    return (bad & mask).any(axis=-1)
 
 
 def _raise_if_bad(pending: list[tuple[ModelEntry, jax.Array, Sequence[str]]]) -> None:
@@ -297,14 +313,20 @@ def extract(
                     attentions=settings.attention,
                     logits=False,  # models of one layout share the compiled encoder
                 )
-                # No host sync per model: the mask comes from the lengths, the NaN/Inf flags
-                # stay on the device until `_raise_if_bad` reads them.
                 frame_mask = host_frame_mask(entry, raw.shape[1], lens, real)  # [B, T]
-                pending.append((entry, _bad_frames(entry, out, jnp.asarray(frame_mask)), paths))
                 mask = frame_mask.reshape(-1)  # [B, T] -> [B*T]; identical for every model
-                for label in entry.layers:
-                    h = entry.hidden(out, label)
-                    columns.append(h.reshape(-1, h.shape[-1]))  # [B, T, D] -> [B*T, D]
+                if on_host:  # NumPy views of the CPU buffers, for NumPy statistics
+                    layers = _host_layers(entry, out)
+                    pending.append((entry, _host_bad_frames(layers, frame_mask), paths))
+                    columns += layers
+                else:
+                    # No host sync per model: the mask comes from the lengths, the NaN/Inf
+                    # flags stay on the device until `_raise_if_bad` reads them.
+                    flags = _bad_frames(entry, out, jnp.asarray(frame_mask))
+                    pending.append((entry, flags, paths))
+                    for label in entry.layers:
+                        h = entry.hidden(out, label)
+                        columns.append(h.reshape(-1, h.shape[-1]))  # [B, T, D] -> [B*T, D]
                 if settings.attention:
                     a = out.attentions  # [L, B, H, T, T] -> [B, L*H, T, T]
                     maps[entry.name] = jnp.swapaxes(a, 0, 1).reshape(
@@ -315,10 +337,11 @@ def extract(
             if chosen is not None:
                 t = len(mask) // len(waves)
                 rows = np.concatenate([chosen[i] + b * t for b, i in enumerate(batch)])
-                picked = np.asarray(jnp.concatenate([c[rows] for c in columns], axis=1))
+                picked = np.concatenate([np.asarray(c[rows]) for c in columns], axis=1)
                 state.rbf[state.rbf_filled : state.rbf_filled + len(rows)] = picked
                 state.rbf_filled += len(rows)
-            z = join(columns)  # [B*T, ΣD] (padded layout when sharded)
+            # [B*T, ΣD] (padded layout when sharded)
+            z = np.concatenate(columns, axis=1) if on_host else join(columns)
             state.moments = update(state.moments, z, jnp.asarray(mask))
             if state.replicates is not None:
                 w = np.stack(
