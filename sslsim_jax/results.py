@@ -57,7 +57,9 @@ __all__ = [
     "atomic_write",
     "layer_key",
     "layer_order",
+    "read_npz",
     "read_results",
+    "savez",
     "write_json",
     "write_table",
 ]
@@ -285,6 +287,45 @@ def write_npy(file: IO, array: np.ndarray, *, chunk: int = 1 << 26) -> None:
     data = memoryview(array.reshape(-1)).cast("B")
     for start in range(0, len(data), chunk):
         file.write(data[start : start + chunk])
+
+
+def read_npz(path: str | os.PathLike, *, allocate=np.empty) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (`savez`'s or `np.savez`'s), each read from the file straight
+    into memory from ``allocate(shape, dtype)`` (e.g. `host_stats.mapped_zeros`): no second
+    copy of a checkpoint is held while it is placed. Compressed members, object arrays and
+    ``.npy`` format 3.0 are read by NumPy as they are.
+
+    Raises:
+        ValueError: a member is not an ``.npy`` array or ends early.
+    """
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            with zf.open(info) as f:
+                arrays[name] = _read_npy(f, allocate, info.compress_type == zipfile.ZIP_STORED)
+    return arrays
+
+
+def _read_npy(file: IO, allocate, stored: bool) -> np.ndarray:
+    fmt = np.lib.format
+    version = fmt.read_magic(file)
+    if not stored or version not in ((1, 0), (2, 0)):
+        file.seek(0)
+        return fmt.read_array(file, allow_pickle=False)
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read_header(file)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not read")
+    out = allocate(shape[::-1] if fortran else shape, dtype)
+    data = memoryview(out.reshape(-1)).cast("B")
+    done = 0
+    while done < len(data):  # in pieces: a zip member's readinto reads the whole rest first
+        n = file.readinto(data[done : done + (1 << 26)])
+        if not n:
+            raise ValueError(f"expected {len(data)} bytes of array data, got {done}")
+        done += n
+    return out.T if fortran else out
 
 
 def write_table(out_dir: str | os.PathLike, name: str, frame: pd.DataFrame) -> str:

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,56 @@ def test_savez_writes_what_np_load_reads_bit_for_bit(tmp_path):
             got = back[key]
             assert got.dtype == array.dtype and got.shape == array.shape, key
             assert got.tobytes() == np.ascontiguousarray(array).tobytes(), key
+
+
+def test_read_npz_reads_what_np_load_reads_into_the_given_memory(tmp_path):
+    """`results.read_npz` (checkpoints): `savez`'s files (.npy 2.0) and `np.savez`'s (1.0, a
+    Fortran-ordered array) into memory from ``allocate``; compressed members through NumPy;
+    a file cut short is an error, not a short array."""
+    from sslsim_jax import host_stats
+
+    rng = np.random.default_rng(1)
+    arrays = {
+        "done": np.array(7),
+        "empty": np.zeros((0, 3), np.float32),
+        "big": rng.normal(size=(300, 70)).astype(np.float32),
+        "fortran": np.asfortranarray(rng.normal(size=(6, 5))),
+        "flags": rng.random(9) > 0.5,
+    }
+    results.atomic_write(tmp_path / "a.npz", lambda f: results.savez(f, arrays), binary=True)
+    np.savez(tmp_path / "b.npz", **arrays)
+    np.savez_compressed(tmp_path / "c.npz", **arrays)
+    given = []
+
+    def allocate(shape, dtype):
+        given.append(host_stats.mapped_zeros(shape, dtype))
+        return given[-1]
+
+    for name in ("a.npz", "b.npz", "c.npz"):
+        given.clear()
+        back = results.read_npz(tmp_path / name, allocate=allocate)
+        assert list(back) == list(arrays), name
+        for key, array in arrays.items():
+            got = back[key]
+            assert got.dtype == array.dtype and got.shape == array.shape, (name, key)
+            np.testing.assert_array_equal(got, array, err_msg=f"{name} {key}")
+        if name != "c.npz":  # stored members: every array in the memory given
+            assert len(given) == len(arrays)
+            assert np.shares_memory(back["big"], given[2])
+            # np.savez keeps the Fortran order; `savez` writes every array in C order
+            assert back["fortran"].flags.f_contiguous == (name == "b.npz")
+    data = (tmp_path / "b.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: data.index(b"big.npy") + 40000])
+    with pytest.raises(zipfile.BadZipFile):
+        results.read_npz(tmp_path / "cut.npz")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as zf:  # a member shorter than its header
+        with zf.open("big.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(
+                f, np.lib.format.header_data_from_array_1_0(arrays["big"])
+            )
+            f.write(arrays["big"].tobytes()[:1000])
+    with pytest.raises(ValueError, match="expected 84000 bytes of array data, got 1000"):
+        results.read_npz(tmp_path / "short.npz")
 
 
 @pytest.mark.parametrize("direct", [True, False])
