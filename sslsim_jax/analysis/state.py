@@ -95,7 +95,8 @@ def init_state(sizes, settings, entries, mesh=None, attention_pairs=None, *, hos
         )
     rbf = None
     if "rbf_cka" in settings.metrics:
-        rbf = np.zeros((settings.rbf_frames, sum(sizes)), np.float32)
+        # [frames, ΣD]: 2.4 GB for the paper's grid; memory the kernel fills as rows arrive
+        rbf = host_stats.mapped_zeros((settings.rbf_frames, sum(sizes)), np.float32)
     return State(
         done=0,
         moments=moments,
@@ -496,7 +497,7 @@ def merge_processes(state: State, settings: Settings) -> State:
     if state.rbf is not None:  # rbf_cka's frame subsample: each process's rows, one after another
         counts = distributed.allgather_json(int(state.rbf_filled))
         start, filled = sum(counts[: jax.process_index()]), sum(counts)
-        rbf = np.zeros_like(state.rbf)
+        rbf = host_stats.mapped_zeros(state.rbf.shape, state.rbf.dtype)
         rbf[start : start + state.rbf_filled] = state.rbf[: state.rbf_filled]
     parts = (state.moments, state.replicates, state.heads, state.attention_maps, rbf)
     on_world = jax.tree.map(lambda x, spec: _to_world(x, spec, local, world), parts, specs)
