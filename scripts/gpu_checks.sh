@@ -6,7 +6,8 @@
 #   bash scripts/gpu_checks.sh [TOTAL_SECONDS]
 #
 # 1. extraction throughput, compile apart: bench_scale.py, two random base-size models;
-# 2. the paper grid: the statistics update on half its networks and the metric stage
+# 2. the statistics update's block product in two forms (bench_block_matvec.py); the paper
+#    grid: the statistics update on half its networks and the metric stage
 #    (bench_paper_grid.py);
 # 3. extraction again with XLA's GPU autotuning off (--xla_gpu_autotune_level=0);
 # 4. analyze against forward-only on the GPU (bench_pipeline.py);
@@ -44,6 +45,10 @@ cd scripts || exit 1
 # steps, compilations logged as they end, the update on half the grid.
 step extract 200 python3 bench_scale.py --size base --devices 1 --tile-seconds 120 \
     --batch-seconds 40 --log-compiles
+# The update's block product that stalled the autotuner, against a matrix-vector candidate:
+# run at two base and two large models' width, compiled only at the paper grid's.
+step block_matvec 40 python3 bench_block_matvec.py --sizes 768x26 1024x50 --run
+step block_matvec_grid 40 python3 bench_block_matvec.py --sizes 768x52 1024x100
 step paper_grid 180 python3 bench_paper_grid.py --frames 1000 --k 8 16 --n 8192 --repeats 1 \
     --log-compiles --models wav2vec2-base hubert-base-ls960 wav2vec2-large-lv60 hubert-large-ll60k
 XLA_FLAGS=--xla_gpu_autotune_level=0 step extract_noautotune 150 python3 bench_scale.py \
