@@ -104,13 +104,9 @@ def host_array(x, dtype=None) -> np.ndarray:
     return out
 
 
-def _zeros(shape, dtype) -> np.ndarray:
-    return mapped_zeros(shape, dtype)
-
-
 def init(sizes, dtype=np.float32) -> stats.Moments:
     """Empty statistics (`stats.init`) as aligned NumPy arrays, ready for `update`."""
-    return stats.init(sizes, dtype, zeros=_zeros)
+    return stats.init(sizes, dtype, zeros=mapped_zeros)
 
 
 def to_host(m: stats.Moments) -> stats.Moments:

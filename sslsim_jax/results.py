@@ -292,11 +292,12 @@ def write_npy(file: IO, array: np.ndarray, *, chunk: int = 1 << 26) -> None:
 def read_npz(path: str | os.PathLike, *, allocate=np.empty) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` (`savez`'s or `np.savez`'s), each read from the file straight
     into memory from ``allocate(shape, dtype)`` (e.g. `host_stats.mapped_zeros`): no second
-    copy of a checkpoint is held while it is placed. Compressed members, object arrays and
-    ``.npy`` format 3.0 are read by NumPy as they are.
+    copy of a checkpoint is held while it is placed. Compressed members and ``.npy`` format
+    3.0 are read by NumPy as they are.
 
     Raises:
-        ValueError: a member is not an ``.npy`` array or ends early.
+        ValueError: a member is not an ``.npy`` array, holds objects (as `np.load` without
+            ``allow_pickle``) or ends early.
     """
     arrays = {}
     with zipfile.ZipFile(path) as zf:

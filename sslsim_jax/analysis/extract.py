@@ -43,7 +43,7 @@ from sslsim_jax.analysis.inputs import (
 )
 from sslsim_jax.analysis.networks import ModelEntry, network_sizes
 from sslsim_jax.analysis.plan import size_text, statistics_bytes
-from sslsim_jax.analysis.settings import FINAL, AnalysisError, Settings
+from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import State
 from sslsim_jax.metrics import attention as attn
 from sslsim_jax.metrics import attention_maps
@@ -105,9 +105,12 @@ def _bad_frames(entry: ModelEntry, out, mask: jax.Array) -> jax.Array:
 def _host_layers(entry: ModelEntry, out) -> list[np.ndarray]:
     """The kept layers of ``out`` as NumPy views [B*T, D] of the CPU buffers: on the host path
     no small XLA program is compiled per batch shape to slice, check or join them."""
-    hidden = np.asarray(out.hidden_states)  # [L+1, B, T, D], waits for the forward pass
-    final = np.asarray(out.final_hidden_state) if FINAL in entry.layers else None
-    layers = [final if label == FINAL else hidden[int(label)] for label in entry.layers]
+    host = dataclasses.replace(  # waits for the forward pass; views, no copies
+        out,
+        hidden_states=np.asarray(out.hidden_states),
+        final_hidden_state=np.asarray(out.final_hidden_state),
+    )
+    layers = [entry.hidden(host, label) for label in entry.layers]
     return [h.reshape(-1, h.shape[-1]) for h in layers]
 
 
