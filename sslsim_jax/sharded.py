@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sslsim_jax import stats
-from sslsim_jax.distributed import DATA, STATS
+from sslsim_jax.distributed import DATA, STATS, fetch_replicated
 from sslsim_jax.metrics import host, kernels, registry
 
 __all__ = ["Layout", "init", "pairwise", "update", "update_replicates"]
@@ -256,17 +256,18 @@ def _host_pairs(
     m: stats.Moments, mesh: Mesh, s: kernels.Spectra, *, width: int, cca_width: int, weights: bool
 ) -> kernels.CanonicalPairs | None:
     """Each device's CCA pairs (its row block against every network, `kernels.cca_index`
-    order) computed on the host from its own co-moment rows, stacked along ``"stats"`` as
-    `_stage2` reads them; None unless every row block is a CPU buffer of this process. XLA's
-    SVD in a program over several CPU devices of one of several processes never finishes
-    (gloo); on the host each pair also runs at its own shape on every core."""
+    order) computed on the host from its own co-moment rows and the host spectra ``s``,
+    stacked along ``"stats"`` as `_stage2` reads them; None unless every row block is a CPU
+    buffer of this process. XLA's SVD in a program over several CPU devices of one of several
+    processes never finishes (gloo); on the host each pair also runs at its own shape on every
+    core."""
     c = m.comoment
     if not host.in_host_memory(c):
         return None
     k = len(m.sizes)
     ka = c.shape[0] // width // mesh.shape[STATS]
     ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
-    whiten, kept = jax.device_get((s.whiten, s.kept))
+    whiten, kept = s.whiten, s.kept
     blocks = {}
     for shard in c.addressable_shards:
         start = shard.index[0].start or 0
@@ -334,18 +335,23 @@ def pairwise(
     diag, valid, norms, s = jax.jit(
         jax.shard_map(stage1, mesh=mesh, in_specs=(m_spec, P()), out_specs=P(), check_vma=False)
     )(m, real)
+    # The checks read host copies of these small replicated arrays: an eager slice of them would
+    # be one more program over every device of the mesh, and such programs on the CPU devices of
+    # one of several processes sometimes never finished (gloo).
+    count, diag_h, valid_h, s_h = fetch_replicated((m.count, diag, valid, s))
     kernels.warn_degenerate(
-        m.count, valid[:k], real[:k], diag[:k], rank_sensitive=spectral, names=tuple(names)
-    )
+        count, valid_h[:k], layout.real[:k], diag_h[:k], rank_sensitive=spectral,
+        names=tuple(names),
+    )  # fmt: skip
     parts = needed(metrics, neurons, topk)
-    cca_width = max(1, int(jnp.max(s.kept[:k]))) if spectral else 1
+    cca_width = max(1, int(np.max(s_h.kept[:k]))) if spectral else 1
     if spectral:
         kernels.warn_rank_capped(
-            kernels.rank_counts(s), names, metrics=parts, frames=m.count, variance=variance
+            kernels.rank_counts(s_h), names, metrics=parts, frames=count, variance=variance
         )
     cca = None
     if kernels.needs_cca(parts):
-        cca = _host_pairs(m, mesh, s, width=width, cca_width=cca_width, weights="pwcca" in parts)
+        cca = _host_pairs(m, mesh, s_h, width=width, cca_width=cca_width, weights="pwcca" in parts)
     stage2 = functools.partial(
         _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk,
         ks=ks,
@@ -365,5 +371,5 @@ def pairwise(
     if neurons:
         results["best"] = np.asarray(out["best"])[:k, :, :k]
         results["matched"] = np.asarray(out["matched"])[:k, :, :k]
-        results["valid"] = np.asarray(valid)[:k]
+        results["valid"] = valid_h[:k]
     return results
