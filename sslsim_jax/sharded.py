@@ -14,7 +14,9 @@ columns are constant neurons: excluded everywhere, and cropped from every result
 - `pairwise` computes every metric of `sslsim_jax.pairwise` from the row blocks: per network
   quantities (diagonal, eigendecompositions, block norms) are computed where the network's rows
   live and gathered, [K, P, P] at most; then every device computes its rows of each [K, K]
-  metric matrix (one SVD per ordered pair it holds) and of the neuron matches.
+  metric matrix (one SVD per ordered pair it holds) and of the neuron matches. Statistics split
+  over the CPU devices of one of several processes run each row block's programs on its own
+  device instead, joined on the host: no collective between CPU devices there (`_per_device`).
 
 Memory per device, float32, D = K_pad·P (K_pad = K rounded up to a multiple of S), B bootstrap
 replicates, N_b frames per batch on one device:
@@ -206,11 +208,11 @@ def update_replicates(
     return _updater(mesh, m.sizes, True)(m, z, weights)
 
 
-def _local_blocks(m: stats.Moments, width: int, diag, valid, real) -> kernels.Blocks:
-    """This device's row block as `kernels.Blocks` [Ka, P, K, P] (inside ``shard_map``)."""
+def _local_blocks(m: stats.Moments, width: int, diag, valid, real, first) -> kernels.Blocks:
+    """A device's row block as `kernels.Blocks` [Ka, P, K, P]: networks first … first + Ka − 1."""
     k = len(m.sizes)
     ka = m.comoment.shape[0] // width
-    rows = jax.lax.axis_index(STATS) * ka + jnp.arange(ka)
+    rows = first + jnp.arange(ka)
     return kernels.Blocks(
         count=m.count,
         comoment=m.comoment.reshape(ka, width, k, width),
@@ -227,59 +229,144 @@ def _gather(x):
     return jax.lax.all_gather(x, STATS, tiled=True)
 
 
-def _stage1(m, real, *, width, spectral, rtol, variance, variance_rule):
+def _first_row(m: stats.Moments, width: int):
+    """The first network of this device's row block (inside ``shard_map``)."""
+    return jax.lax.axis_index(STATS) * (m.comoment.shape[0] // width)
+
+
+def _own_diag(m, real, first, *, width):
+    """[Ka, P] the co-moment diagonal of a row block's networks."""
+    own = kernels.own_blocks(_local_blocks(m, width, None, None, real, first))
+    return jnp.diagonal(own, axis1=1, axis2=2)
+
+
+def _row_spectra(m, real, diag, first, *, width, spectral, rtol, variance, variance_rule):
+    """(valid [K, P], ‖C_aa‖² [Ka], `kernels.Spectra` of the Ka row networks or None), from
+    every network's diagonal ``diag`` [K, P]."""
     k = len(m.sizes)
-    partial = _local_blocks(m, width, None, None, real)
-    own = kernels.own_blocks(partial)
-    diag = _gather(jnp.diagonal(own, axis1=1, axis2=2))  # [K, P]
     valid = kernels.valid_neurons(m.count, m.mean.reshape(k, width), diag, real)
-    b = partial._replace(diag=diag, valid=valid)
-    norms = _gather(kernels.own_sq(b))
+    b = _local_blocks(m, width, diag, valid, real, first)
     s = None
     if spectral:
         s = kernels.spectra(b, rtol=rtol, variance=variance, variance_rule=variance_rule)
-        s = jax.tree.map(_gather, s)
-    return diag, valid, norms, s
+    return valid, kernels.own_sq(b), s
 
 
-def _stage2(m, real, diag, valid, norms, s, cca, *, width, metrics, cca_width, neurons, topk, ks):
+def _stage1(m, real, *, width, **options):
+    first = _first_row(m, width)
+    diag = _gather(_own_diag(m, real, first, width=width))  # [K, P]
+    valid, norms, s = _row_spectra(m, real, diag, first, width=width, **options)
+    return diag, valid, _gather(norms), jax.tree.map(_gather, s)
+
+
+def _stage2(m, real, diag, valid, norms, s, cca, *, width, **options):
+    first = _first_row(m, width)
+    return _pair_rows(m, real, diag, valid, norms, s, cca, first, width=width, **options)
+
+
+def _pair_rows(
+    m, real, diag, valid, norms, s, cca, first, *, width, metrics, cca_width, neurons, topk, ks
+):
+    """Every value of `sslsim_jax.pairwise.pair_values` for a row block's networks."""
     from sslsim_jax.pairwise import pair_values
 
-    b = _local_blocks(m, width, diag, valid, real)
+    b = _local_blocks(m, width, diag, valid, real, first)
     return pair_values(
         b, s, kernels.inv_sd(b), metrics=metrics, width=cca_width, norms=norms, neurons=neurons,
         topk=topk, ks=ks, cca=cca,
     )  # fmt: skip
 
 
-def _host_pairs(
-    m: stats.Moments, mesh: Mesh, s: kernels.Spectra, *, width: int, cca_width: int, weights: bool
-) -> kernels.CanonicalPairs | None:
+def _host_pair_blocks(
+    m: stats.Moments, s: kernels.Spectra, *, width: int, cca_width: int, weights: bool
+) -> dict[int, kernels.CanonicalPairs] | None:
     """Each device's CCA pairs (its row block against every network, `kernels.cca_index`
-    order) computed on the host from its own co-moment rows and the host spectra ``s``,
-    stacked along ``"stats"`` as `_stage2` reads them; None unless every row block is a CPU
-    buffer of this process. XLA's SVD in a program over several CPU devices of one of several
-    processes never finishes (gloo); on the host each pair also runs at its own shape on every
-    core."""
+    order) computed on the host from its own co-moment rows and the host spectra ``s``, keyed
+    by the block's first network; None unless every row block is a CPU buffer of this process.
+    On the host each pair runs at its own shape on every core, and no XLA SVD runs in a program
+    over several CPU devices (see `_per_device`)."""
     c = m.comoment
     if not host.in_host_memory(c):
         return None
     k = len(m.sizes)
-    ka = c.shape[0] // width // mesh.shape[STATS]
-    ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
-    whiten, kept = s.whiten, s.kept
     blocks = {}
     for shard in c.addressable_shards:
-        start = shard.index[0].start or 0
-        rows = start // width + np.arange(ka)
+        ka = shard.data.shape[0] // width
+        first = (shard.index[0].start or 0) // width
+        ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
         local = np.asarray(shard.data).reshape(ka, width, k, width)  # a view on a CPU
-        blocks[start] = host.pairs(
-            local, rows, whiten, kept, ia, ib, width=cca_width, weights=weights, both=False
-        )
-    parts = [blocks[start] for start in sorted(blocks)]
-    stacked = [None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)]
+        found = host.pairs(
+            local, first + np.arange(ka), s.whiten, s.kept, ia, ib, width=cca_width,
+            weights=weights, both=False,
+        )  # fmt: skip
+        blocks[first] = kernels.CanonicalPairs(*found)
+    return blocks
+
+
+def _stacked(blocks: dict[int, kernels.CanonicalPairs], mesh: Mesh) -> kernels.CanonicalPairs:
+    """`_host_pair_blocks` stacked along ``"stats"``, as `_stage2` reads them."""
+    parts = [blocks[first] for first in sorted(blocks)]
     put = functools.partial(jax.device_put, device=NamedSharding(mesh, P(STATS)))
-    return kernels.CanonicalPairs(*(None if x is None else put(x) for x in stacked))
+    return jax.tree.map(lambda *x: put(np.concatenate(x)), *parts)
+
+
+def _per_device(m: stats.Moments) -> bool:
+    """Whether `pairwise` runs one single-device program per row block instead of one program
+    over the mesh: statistics split over several CPU devices of one of several processes.
+    There XLA's CPU collectives between devices (gloo) wait on programs with LAPACK calls
+    (``eigh``): measured 84 ms per call of a [256, 256] ``eigh`` and an ``all_gather`` over two
+    devices against 9 ms in one process, and slower still under load, to the point of looking
+    hung (the two-process analysis test, about one run in ten)."""
+    c = m.comoment
+    return jax.process_count() > 1 and host.in_host_memory(c) and len(c.devices()) > 1
+
+
+_own_diag_jit = jax.jit(_own_diag, static_argnames="width")
+_row_spectra_jit = jax.jit(
+    _row_spectra, static_argnames=("width", "spectral", "rtol", "variance", "variance_rule")
+)
+_pair_rows_jit = jax.jit(
+    _pair_rows, static_argnames=("width", "metrics", "cca_width", "neurons", "topk", "ks")
+)
+
+
+def _row_blocks(m: stats.Moments, width: int) -> list[tuple[int, stats.Moments]]:
+    """(first network, the device's own `stats.Moments`) of each row block, in row order: the
+    block and the replicated fields as that device's buffers."""
+
+    def on(x, device):
+        return next(shard.data for shard in x.addressable_shards if shard.device == device)
+
+    blocks = {}
+    for shard in m.comoment.addressable_shards:
+        first = (shard.index[0].start or 0) // width
+        blocks[first] = jax.tree.map(functools.partial(on, device=shard.device), m)
+    return [(first, blocks[first]) for first in sorted(blocks)]
+
+
+def _concat(parts: Sequence) -> object:
+    """Host copies of per-block pytrees, joined along their leading (row) axis."""
+    return jax.tree.map(lambda *x: np.concatenate(x), *jax.device_get(list(parts)))
+
+
+def _stage1_each(blocks, real, *, width, **options):
+    """`_stage1` one row block (`_row_blocks`) at a time, each on its own device, joined on the
+    host."""
+    diag = _concat(_own_diag_jit(b, real, first, width=width) for first, b in blocks)
+    rows = jax.device_get(
+        [_row_spectra_jit(b, real, diag, first, width=width, **options) for first, b in blocks]
+    )
+    valid = rows[0][0]  # every network's, the same from each block
+    norms, s = _concat(r[1:] for r in rows)
+    return diag, valid, norms, s
+
+
+def _stage2_each(blocks, real, diag, valid, norms, s, cca, **options):
+    """`_stage2` one row block at a time, as `_stage1_each`; ``cca``: `_host_pair_blocks`."""
+    return _concat(
+        _pair_rows_jit(b, real, diag, valid, norms, s, cca and cca[first], first, **options)
+        for first, b in blocks
+    )
 
 
 def pairwise(
@@ -328,16 +415,23 @@ def pairwise(
     real = jnp.asarray(layout.real)
     spectral = is_spectral(metrics) or any(registry.get(name).spectral for name in topk)
     m_spec = _specs(m)
-    stage1 = functools.partial(
-        _stage1, width=width, spectral=spectral, rtol=rtol, variance=variance,
-        variance_rule=variance_rule,
-    )  # fmt: skip
-    diag, valid, norms, s = jax.jit(
-        jax.shard_map(stage1, mesh=mesh, in_specs=(m_spec, P()), out_specs=P(), check_vma=False)
-    )(m, real)
+    options1 = dict(spectral=spectral, rtol=rtol, variance=variance, variance_rule=variance_rule)
+    blocks = _row_blocks(m, width) if _per_device(m) else None
+    if blocks is not None:
+        diag, valid, norms, s = _stage1_each(blocks, layout.real, width=width, **options1)
+    else:
+        stage1 = jax.jit(
+            jax.shard_map(
+                functools.partial(_stage1, width=width, **options1),
+                mesh=mesh,
+                in_specs=(m_spec, P()),
+                out_specs=P(),
+                check_vma=False,
+            )
+        )
+        diag, valid, norms, s = stage1(m, real)
     # The checks read host copies of these small replicated arrays: an eager slice of them would
-    # be one more program over every device of the mesh, and such programs on the CPU devices of
-    # one of several processes sometimes never finished (gloo).
+    # be one more program over every device of the mesh.
     count, diag_h, valid_h, s_h = fetch_replicated((m.count, diag, valid, s))
     kernels.warn_degenerate(
         count, valid_h[:k], layout.real[:k], diag_h[:k], rank_sensitive=spectral,
@@ -351,20 +445,23 @@ def pairwise(
         )
     cca = None
     if kernels.needs_cca(parts):
-        cca = _host_pairs(m, mesh, s_h, width=width, cca_width=cca_width, weights="pwcca" in parts)
-    stage2 = functools.partial(
-        _stage2, width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk,
-        ks=ks,
-    )  # fmt: skip
-    out = jax.jit(
-        jax.shard_map(
-            stage2,
-            mesh=mesh,
-            in_specs=(m_spec, P(), P(), P(), P(), P(), P(STATS)),
-            out_specs=P(STATS),
-            check_vma=False,
+        cca = _host_pair_blocks(m, s_h, width=width, cca_width=cca_width, weights="pwcca" in parts)
+    options2 = dict(
+        width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk, ks=ks
+    )
+    if blocks is not None:
+        out = _stage2_each(blocks, layout.real, diag, valid_h, norms, s_h, cca, **options2)
+    else:
+        stage2 = jax.jit(
+            jax.shard_map(
+                functools.partial(_stage2, **options2),
+                mesh=mesh,
+                in_specs=(m_spec, P(), P(), P(), P(), P(), P(STATS)),
+                out_specs=P(STATS),
+                check_vma=False,
+            )
         )
-    )(m, real, diag, valid, norms, s, cca)
+        out = stage2(m, real, diag, valid, norms, s, None if cca is None else _stacked(cca, mesh))
     results = {name: np.asarray(value)[:k, :k] for name, value in out.items() if value.ndim == 2}
     for name in topk:
         results[f"topk:{name}"] = np.asarray(out[f"topk:{name}"])[:k, :k]

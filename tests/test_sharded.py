@@ -72,6 +72,25 @@ CODE = """
         for k in TOPK_METRICS
     }
 
+    # Several processes' path, forced here in one process: each row block's programs on its own
+    # device, joined on the host (no collective), the same values as the program over the mesh.
+    def both(**kw):
+        mesh_path = sharded.pairwise(m, layout, mesh, names, **kw)
+        per_device, sharded._per_device = sharded._per_device, lambda m: True
+        try:
+            return mesh_path, sharded.pairwise(m, layout, mesh, names, **kw)
+        finally:
+            sharded._per_device = per_device
+
+    a, b = both(metrics=metrics, neurons=True, topk=TOPK_METRICS, ks=ks)
+    assert set(a) == set(b)
+    def compared(x, y):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        return [float(np.nanmax(np.abs(x - y))), bool((np.isnan(x) == np.isnan(y)).all())]
+
+    out["per_device"] = {k: compared(a[k], b[k]) for k in a}
+    out["per_device_here"] = sharded._per_device(m)
+
     # Memory per device of one update: 8 networks of 128 (D = 1024) on 1 and on 4 shards.
     memory = {}
     for shards in (1, 4):
@@ -116,6 +135,16 @@ def test_sharded_topk_equals_the_full_statistics(result):
     assert set(result["topk"]) == {"maxcorr", "linreg", "svcca", "pwcca"}
     for metric, (diff, same_nan) in result["topk"].items():
         assert diff < 2e-5 and same_nan, (metric, diff, same_nan)
+
+
+def test_row_blocks_one_device_at_a_time_equal_the_mesh_program(result):
+    """The path of statistics split over CPU devices of one of several processes."""
+    assert not result["per_device_here"]  # one process: the program over the mesh
+    assert {"maxcorr", "pwcca", "best", "matched", "valid", "topk:svcca"} <= set(
+        result["per_device"]
+    )
+    for name, (diff, same_nan) in result["per_device"].items():
+        assert diff < 1e-6 and same_nan, (name, diff, same_nan)
 
 
 def test_four_shards_need_about_a_quarter_of_the_memory(result):
