@@ -15,8 +15,8 @@ columns are constant neurons: excluded everywhere, and cropped from every result
   quantities (diagonal, eigendecompositions, block norms) are computed where the network's rows
   live and gathered, [K, P, P] at most; then every device computes its rows of each [K, K]
   metric matrix (one SVD per ordered pair it holds) and of the neuron matches. Statistics split
-  over the CPU devices of one of several processes run each row block's programs on its own
-  device instead, joined on the host: no collective between CPU devices there (`_per_device`).
+  over CPU devices run each row block's programs instead, one block after the other, joined on
+  the host (`_per_device`).
 
 Memory per device, float32, D = K_pad·P (K_pad = K rounded up to a multiple of S), B bootstrap
 replicates, N_b frames per batch on one device:
@@ -38,7 +38,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -283,8 +284,8 @@ def _host_pair_blocks(
     """Each device's CCA pairs (its row block against every network, `kernels.cca_index`
     order) computed on the host from its own co-moment rows and the host spectra ``s``, keyed
     by the block's first network; None unless every row block is a CPU buffer of this process.
-    On the host each pair runs at its own shape on every core, and no XLA SVD runs in a program
-    over several CPU devices (see `_per_device`)."""
+    On the host each pair runs at its own shape on every core, and no XLA SVD runs on several
+    CPU devices at once (see `_per_device`)."""
     c = m.comoment
     if not host.in_host_memory(c):
         return None
@@ -311,14 +312,18 @@ def _stacked(blocks: dict[int, kernels.CanonicalPairs], mesh: Mesh) -> kernels.C
 
 
 def _per_device(m: stats.Moments) -> bool:
-    """Whether `pairwise` runs one single-device program per row block instead of one program
-    over the mesh: statistics split over several CPU devices of one of several processes.
-    There XLA's CPU collectives between devices (gloo) wait on programs with LAPACK calls
-    (``eigh``): measured 84 ms per call of a [256, 256] ``eigh`` and an ``all_gather`` over two
-    devices against 9 ms in one process, and slower still under load, to the point of looking
-    hung (the two-process analysis test, about one run in ten)."""
+    """Whether `pairwise` runs each row block's programs one block after the other (on the
+    default device, from NumPy views of the blocks) instead of one program over the mesh:
+    statistics split over several CPU devices of this process.
+
+    CPU devices share the cores and XLA's intra-op thread pool, so running the blocks at once
+    gains nothing, and it can deadlock: jaxlib's batched LAPACK kernels (``eigh``, ``svd``)
+    run on a pool worker, split the batch over the same pool and wait for it. With as many
+    devices in such a kernel as the pool has workers (2 on a 2-core machine), every worker
+    waits and none is left to do the work (native stacks of the two-process test, which hung
+    about one run in ten: both ``tf_XLAEigen`` workers in ``ParallelBatchMap``'s wait)."""
     c = m.comoment
-    return jax.process_count() > 1 and host.in_host_memory(c) and len(c.devices()) > 1
+    return host.in_host_memory(c) and len(c.devices()) > 1
 
 
 _own_diag_jit = jax.jit(_own_diag, static_argnames="width")
@@ -331,11 +336,12 @@ _pair_rows_jit = jax.jit(
 
 
 def _row_blocks(m: stats.Moments, width: int) -> list[tuple[int, stats.Moments]]:
-    """(first network, the device's own `stats.Moments`) of each row block, in row order: the
-    block and the replicated fields as that device's buffers."""
+    """(first network, its `stats.Moments` as NumPy views of the CPU buffers) of each row
+    block, in row order: each block's programs then run on the default device, compiled once
+    for all blocks."""
 
     def on(x, device):
-        return next(shard.data for shard in x.addressable_shards if shard.device == device)
+        return np.asarray(next(s.data for s in x.addressable_shards if s.device == device))
 
     blocks = {}
     for shard in m.comoment.addressable_shards:
@@ -344,29 +350,41 @@ def _row_blocks(m: stats.Moments, width: int) -> list[tuple[int, stats.Moments]]
     return [(first, blocks[first]) for first in sorted(blocks)]
 
 
-def _concat(parts: Sequence) -> object:
-    """Host copies of per-block pytrees, joined along their leading (row) axis."""
-    return jax.tree.map(lambda *x: np.concatenate(x), *jax.device_get(list(parts)))
+def _serial(calls: Iterable[Callable[[], Any]]) -> list:
+    """Host copies of each call's result, each finished before the next starts (`_per_device`)."""
+    return [jax.device_get(call()) for call in calls]
+
+
+def _concat(parts: Sequence) -> Any:
+    """Per-block pytrees (host arrays) joined along their leading (row) axis."""
+    return jax.tree.map(lambda *x: np.concatenate(x), *parts)
 
 
 def _stage1_each(blocks, real, *, width, **options):
-    """`_stage1` one row block (`_row_blocks`) at a time, each on its own device, joined on the
-    host."""
-    diag = _concat(_own_diag_jit(b, real, first, width=width) for first, b in blocks)
-    rows = jax.device_get(
-        [_row_spectra_jit(b, real, diag, first, width=width, **options) for first, b in blocks]
+    """`_stage1` one row block (`_row_blocks`) at a time, joined on the host."""
+    diag = _concat(
+        _serial(
+            functools.partial(_own_diag_jit, b, real, first, width=width) for first, b in blocks
+        )
+    )
+    rows = _serial(
+        functools.partial(_row_spectra_jit, b, real, diag, first, width=width, **options)
+        for first, b in blocks
     )
     valid = rows[0][0]  # every network's, the same from each block
-    norms, s = _concat(r[1:] for r in rows)
+    norms, s = _concat([r[1:] for r in rows])
     return diag, valid, norms, s
 
 
 def _stage2_each(blocks, real, diag, valid, norms, s, cca, **options):
     """`_stage2` one row block at a time, as `_stage1_each`; ``cca``: `_host_pair_blocks`."""
-    return _concat(
-        _pair_rows_jit(b, real, diag, valid, norms, s, cca and cca[first], first, **options)
+    calls = (
+        functools.partial(
+            _pair_rows_jit, b, real, diag, valid, norms, s, cca and cca[first], first, **options
+        )
         for first, b in blocks
     )
+    return _concat(_serial(calls))
 
 
 def pairwise(

@@ -369,8 +369,8 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
         analyze(models, demo_audio_paths(), out, Settings(**{SETTINGS!r}), progress=False,
                 report=False)
         assert os.path.isfile(out + "/similarities.csv") == (pid == 0)
-        # Statistics split over each process's devices too (the metrics one row block and
-        # device at a time, joined on the host: sharded._per_device).
+        # Statistics split over each process's devices too (on these CPU devices the metrics
+        # run one row block at a time: sharded._per_device).
         analyze(models, demo_audio_paths(), out + "-split",
                 Settings(**{SETTINGS!r}, stat_shards=2), progress=False, report=False)
         print("ok", pid)

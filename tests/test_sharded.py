@@ -72,18 +72,19 @@ CODE = """
         for k in TOPK_METRICS
     }
 
-    # Several processes' path, forced here in one process: each row block's programs on its own
-    # device, joined on the host (no collective), the same values as the program over the mesh.
+    # On CPU devices each row block runs on its own device, one after the other
+    # (sharded._per_device); the program over the mesh, forced here, gives the same values.
     def both(**kw):
-        mesh_path = sharded.pairwise(m, layout, mesh, names, **kw)
-        per_device, sharded._per_device = sharded._per_device, lambda m: True
+        per_device = sharded.pairwise(m, layout, mesh, names, **kw)
+        default, sharded._per_device = sharded._per_device, lambda m: False
         try:
-            return mesh_path, sharded.pairwise(m, layout, mesh, names, **kw)
+            return per_device, sharded.pairwise(m, layout, mesh, names, **kw)
         finally:
-            sharded._per_device = per_device
+            sharded._per_device = default
 
     a, b = both(metrics=metrics, neurons=True, topk=TOPK_METRICS, ks=ks)
     assert set(a) == set(b)
+
     def compared(x, y):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         return [float(np.nanmax(np.abs(x - y))), bool((np.isnan(x) == np.isnan(y)).all())]
@@ -138,8 +139,9 @@ def test_sharded_topk_equals_the_full_statistics(result):
 
 
 def test_row_blocks_one_device_at_a_time_equal_the_mesh_program(result):
-    """The path of statistics split over CPU devices of one of several processes."""
-    assert not result["per_device_here"]  # one process: the program over the mesh
+    """CPU devices run the metrics' programs one row block at a time (no two LAPACK kernels at
+    once in the shared thread pool); the program over the mesh (GPUs, TPUs) gives the same."""
+    assert result["per_device_here"]
     assert {"maxcorr", "pwcca", "best", "matched", "valid", "topk:svcca"} <= set(
         result["per_device"]
     )
