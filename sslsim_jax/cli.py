@@ -11,6 +11,7 @@ import dataclasses
 import os
 import signal
 import sys
+import traceback
 import warnings
 
 
@@ -272,6 +273,35 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.command in ("analyze", "demo"):
         compilation_cache()
+    try:
+        code = _run(args)
+    except BaseException:
+        if _joined():
+            traceback.print_exc()
+            _exit_now(1)
+        raise
+    if code and _joined():
+        _exit_now(code)
+    return code
+
+
+def _joined() -> bool:
+    """Whether this process joined a multi-process run (without importing JAX otherwise)."""
+    module = sys.modules.get("sslsim_jax.distributed")
+    return module is not None and module.joined()
+
+
+def _exit_now(code: int) -> None:
+    """Ends a failed process of a multi-process run at once. A normal exit waits in JAX's
+    shutdown barrier for the other processes, which wait in their next collective for this
+    one: the whole run would hang for the barrier's 5 minutes. Gone, this process makes the
+    others' collectives fail within seconds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -102,7 +102,17 @@ def initialize(
             coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
         )
     jax.distributed.initialize(**kwargs)
+    global _joined
+    _joined = True
     return True
+
+
+_joined = False
+
+
+def joined() -> bool:
+    """Whether this process joined a multi-process run through `initialize`."""
+    return _joined
 
 
 def make_mesh(devices: int | None = None, *, local: bool = False, stat_shards: int = 1) -> Mesh:

@@ -382,6 +382,34 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
     assert run["processes"] == 2 and [u["path"] for u in run["utterances"]] == SPEECH
 
 
+def test_a_failing_process_ends_the_whole_run(tmp_path):
+    """Process 1's audio does not exist: it stops with an error naming the file, and process 0,
+    waiting for it in the run's first collective, stops with an error too, in seconds. Without
+    the CLI's immediate exit, process 1 would wait in JAX's shutdown barrier and process 0 in
+    its collective, both for the barrier's 5 minutes."""
+    port = str(free_port())
+    model = os.path.join(ROOT, "sslsim_jax", "data", "models", "tiny-hubert")
+    missing = str(tmp_path / "missing.wav")
+    procs = []
+    for pid, audio in enumerate((SPEECH[0], missing)):
+        command = [
+            sys.executable, "-m", "sslsim_jax.cli", "analyze", model, "--audio", audio,
+            "--out", str(tmp_path / f"p{pid}"), "--quiet", "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", "2", "--process-id", str(pid),
+        ]  # fmt: skip
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        procs.append(subprocess.Popen(command, env=fake_devices_env(1), **pipes))
+    try:
+        errors = [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode != 0 for p in procs] == [True, True], errors
+    assert "sslsim analyze: error: " in errors[1] and "missing.wav" in errors[1], errors[1]
+
+
 def test_cli_multi_process_flags_need_a_coordinator(tmp_path, capsys):
     from sslsim_jax import cli
 
