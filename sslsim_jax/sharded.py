@@ -279,29 +279,27 @@ def _pair_rows(
 
 
 def _host_pair_blocks(
-    m: stats.Moments, s: kernels.Spectra, *, width: int, cca_width: int, weights: bool
-) -> dict[int, kernels.CanonicalPairs] | None:
-    """Each device's CCA pairs (its row block against every network, `kernels.cca_index`
-    order) computed on the host from its own co-moment rows and the host spectra ``s``, keyed
-    by the block's first network; None unless every row block is a CPU buffer of this process.
-    On the host each pair runs at its own shape on every core, and no XLA SVD runs on several
-    CPU devices at once (see `_per_device`)."""
-    c = m.comoment
-    if not host.in_host_memory(c):
-        return None
-    k = len(m.sizes)
-    blocks = {}
-    for shard in c.addressable_shards:
-        ka = shard.data.shape[0] // width
-        first = (shard.index[0].start or 0) // width
+    blocks: list[tuple[int, stats.Moments]],
+    s: kernels.Spectra,
+    *,
+    width: int,
+    cca_width: int,
+    weights: bool,
+) -> dict[int, kernels.CanonicalPairs]:
+    """Each row block's CCA pairs (against every network, `kernels.cca_index` order) computed
+    on the host from its co-moment rows (`_row_blocks`) and the host spectra ``s``, keyed by
+    the block's first network. On the host each pair runs at its own shape on every core, and
+    no XLA SVD runs on several CPU devices at once (see `_per_device`)."""
+    pairs = {}
+    for first, b in blocks:
+        k, ka = len(b.sizes), b.comoment.shape[0] // width
         ia, ib = np.repeat(np.arange(ka), k), np.tile(np.arange(k), ka)
-        local = np.asarray(shard.data).reshape(ka, width, k, width)  # a view on a CPU
         found = host.pairs(
-            local, first + np.arange(ka), s.whiten, s.kept, ia, ib, width=cca_width,
-            weights=weights, both=False,
+            b.comoment.reshape(ka, width, k, width), first + np.arange(ka), s.whiten, s.kept,
+            ia, ib, width=cca_width, weights=weights, both=False,
         )  # fmt: skip
-        blocks[first] = kernels.CanonicalPairs(*found)
-    return blocks
+        pairs[first] = kernels.CanonicalPairs(*found)
+    return pairs
 
 
 def _stacked(blocks: dict[int, kernels.CanonicalPairs], mesh: Mesh) -> kernels.CanonicalPairs:
@@ -337,8 +335,8 @@ _pair_rows_jit = jax.jit(
 
 def _row_blocks(m: stats.Moments, width: int) -> list[tuple[int, stats.Moments]]:
     """(first network, its `stats.Moments` as NumPy views of the CPU buffers) of each row
-    block, in row order: each block's programs then run on the default device, compiled once
-    for all blocks."""
+    block, in row order (``m`` in host memory, `host.in_host_memory`): each block's programs
+    then run on the default device, compiled once for all blocks."""
 
     def on(x, device):
         return np.asarray(next(s.data for s in x.addressable_shards if s.device == device))
@@ -434,8 +432,11 @@ def pairwise(
     spectral = is_spectral(metrics) or any(registry.get(name).spectral for name in topk)
     m_spec = _specs(m)
     options1 = dict(spectral=spectral, rtol=rtol, variance=variance, variance_rule=variance_rule)
-    blocks = _row_blocks(m, width) if _per_device(m) else None
-    if blocks is not None:
+    # Row blocks in host memory: their CCA pairs run on the host, and on several CPU devices
+    # every program runs one block at a time.
+    blocks = _row_blocks(m, width) if host.in_host_memory(m.comoment) else None
+    per_device = blocks is not None and _per_device(m)
+    if per_device:
         diag, valid, norms, s = _stage1_each(blocks, layout.real, width=width, **options1)
     else:
         stage1 = jax.jit(
@@ -462,12 +463,14 @@ def pairwise(
             kernels.rank_counts(s_h), names, metrics=parts, frames=count, variance=variance
         )
     cca = None
-    if kernels.needs_cca(parts):
-        cca = _host_pair_blocks(m, s_h, width=width, cca_width=cca_width, weights="pwcca" in parts)
+    if blocks is not None and kernels.needs_cca(parts):
+        cca = _host_pair_blocks(
+            blocks, s_h, width=width, cca_width=cca_width, weights="pwcca" in parts
+        )
     options2 = dict(
         width=width, metrics=metrics, cca_width=cca_width, neurons=neurons, topk=topk, ks=ks
     )
-    if blocks is not None:
+    if per_device:
         out = _stage2_each(blocks, layout.real, diag, valid_h, norms, s_h, cca, **options2)
     else:
         stage2 = jax.jit(
