@@ -185,6 +185,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_process_rows_are_assembled_by_shard_index():
+    """`merge_processes` puts each process's statistics in its rows of a global array
+    (`state._to_world`) by shard index: split and replicated arrays land whole in every row,
+    and so does an array that comes back from its put on fewer devices than the mesh has (one
+    two-process run failed there: a 2-device put with 1 shard)."""
+    code = """
+        import jax
+        import numpy as np
+        from jax.sharding import PartitionSpec as P
+        from sslsim_jax import distributed
+        from sslsim_jax.analysis import state as S
+        mesh = distributed.make_mesh(stat_shards=2)  # data 2 x stats 2
+        x = np.arange(24, dtype=np.float32).reshape(4, 6)
+        for spec in (P(distributed.STATS), P(), P(None, distributed.STATS)):
+            out = S._to_world(x, spec, mesh, mesh)
+            assert out.shape == (2, 4, 6) and len(out.addressable_shards) == 4, spec
+            np.testing.assert_array_equal(np.asarray(out), np.stack([x, x]), err_msg=str(spec))
+        put, calls = jax.device_put, []
+        def first_on_one_device(a, target):  # the put onto the mesh gives one shard only
+            calls.append(target)
+            return put(a, jax.devices()[1] if len(calls) == 1 else target)
+        jax.device_put = first_on_one_device
+        try:
+            out = S._to_world(x, P(), mesh, mesh)
+        finally:
+            jax.device_put = put
+        np.testing.assert_array_equal(np.asarray(out), np.stack([x, x]))
+        assert {d.id for d in out.sharding.device_set} == {0, 1, 2, 3}
+        print("ok")
+    """
+    result = run_on_devices(code, devices=4, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 def test_two_processes_merge_statistics_like_one_pass():
     """Two real processes on localhost (gloo CPU collectives), 2 fake devices each.
 

@@ -552,9 +552,28 @@ def _to_world(x: Any, spec: PartitionSpec, local: Mesh, world: Mesh) -> jax.Arra
     x = jax.device_put(x, NamedSharding(local, spec))
     sharding = NamedSharding(world, PartitionSpec(distributed.DATA, *spec))
     shape = (world.shape[distributed.DATA], *x.shape)
-    return jax.make_array_from_single_device_arrays(
-        shape, sharding, [s.data[None] for s in x.addressable_shards]
-    )
+    # Each of this process's devices takes the piece of x its index names, copied there when x
+    # has that piece on another device only: the world array is assembled by index, never by
+    # the order or number of x's shards (one two-process run once saw a 2-device put come back
+    # with 1 shard; not reproduced).
+    pieces = {_index_key(s.index): s.data for s in x.addressable_shards}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        piece = pieces.get(_index_key(index[1:]))
+        if piece is None:
+            raise RuntimeError(
+                f"merging processes: no shard of a {x.shape} array for index {index[1:]} "
+                f"(shards on {[str(s.device) for s in x.addressable_shards]})"
+            )
+        if piece.devices() != {device}:
+            piece = jax.device_put(piece, device)
+        arrays.append(piece[None])
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    """A hashable form of a shard index (slices are not hashable before Python 3.12)."""
+    return tuple((s.start, s.stop, s.step) for s in index)
 
 
 def _to_local(x: jax.Array, spec: PartitionSpec, local: Mesh) -> jax.Array:
