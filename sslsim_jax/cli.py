@@ -276,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(args)
     except BaseException:
-        if _joined():
+        if _joined():  # `distributed.exit_on_failure`, without importing JAX otherwise
             traceback.print_exc()
-            _exit_now(1)
+            sys.modules["sslsim_jax.distributed"].exit_now(1)
         raise
     if code and _joined():
-        _exit_now(code)
+        sys.modules["sslsim_jax.distributed"].exit_now(code)
     return code
 
 
@@ -289,16 +289,6 @@ def _joined() -> bool:
     """Whether this process joined a multi-process run (without importing JAX otherwise)."""
     module = sys.modules.get("sslsim_jax.distributed")
     return module is not None and module.joined()
-
-
-def _exit_now(code: int) -> None:
-    """Ends a failed process of a multi-process run at once. A normal exit waits in JAX's
-    shutdown barrier for the other processes, which wait in their next collective for this
-    one: the whole run would hang for the barrier's 5 minutes. Gone, this process makes the
-    others' collectives fail within seconds."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -444,6 +444,29 @@ def test_a_failing_process_ends_the_whole_run(tmp_path):
     assert "sslsim analyze: error: " in errors[1] and "missing.wav" in errors[1], errors[1]
 
 
+def test_exit_on_failure_ends_a_joined_process_at_once():
+    """`distributed.exit_on_failure`: outside a multi-process run an exception propagates; in
+    one, it prints the traceback and the process ends with status 1 at once (no atexit
+    handler, nothing after the block)."""
+    with pytest.raises(ValueError, match="alone"), distributed.exit_on_failure():
+        raise ValueError("alone")
+    code = """
+        import atexit
+        from sslsim_jax import distributed
+        atexit.register(print, "atexit ran")
+        distributed._joined = True  # as `initialize` leaves it
+        with distributed.exit_on_failure():
+            raise ValueError("a clip that cannot be read")
+        print("after the block")
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done
+    assert "ValueError: a clip that cannot be read" in done.stderr
+    assert "after the block" not in done.stdout and "atexit ran" not in done.stdout
+
+
 def test_cli_multi_process_flags_need_a_coordinator(tmp_path, capsys):
     from sslsim_jax import cli
 
