@@ -18,7 +18,8 @@ A mesh over several processes uses the same number of local devices in every pro
 first ``devices`` of each), so a global batch is the concatenation of the processes' local
 batches in process order. The analysis itself (`sslsim_jax.analysis`) runs every process on a
 ``local=True`` mesh over its own share of the audio and merges the statistics across processes
-once at the end, so processes never wait on each other batch by batch.
+once at the end, so processes never wait on each other batch by batch. Run the work of a
+multi-process run under `exit_on_failure`, so that one failing process ends the run at once.
 """
 
 from __future__ import annotations
