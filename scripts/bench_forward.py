@@ -2,10 +2,10 @@
 
 Both run side by side in one process on the same random-weight model (base and large sizes),
 10 s of audio, batch 1 and 8, their calls alternating (medians of ``--reps`` each); the JAX
-compile time is reported separately. Prints one row per
-case with the steady-state times, audio seconds per second, the ratio torch / jax (> 1 means
-JAX is faster) and how far JAX's hidden states and attentions are from PyTorch's (max abs
-difference over all layers, relative to max |h|; attention absolute).
+compile time is reported separately. Prints one row per case with the steady-state times, audio
+seconds per second, the ratio torch / jax (> 1 means JAX is faster) and how far JAX's hidden
+states and attentions are from PyTorch's (max abs difference over all layers, relative to
+max |h|; attention absolute).
 
 ``--precision`` sets both sides: JAX's matmul precision, and for PyTorch on CUDA whether TF32
 is allowed (``highest``/``float32``: not allowed, in matmuls and cuDNN convolutions alike;
@@ -131,17 +131,18 @@ def main(argv=None) -> int:
             audio_s = batch * args.seconds
             if args.no_torch:
                 jax_s = timed(lambda: run_jax(model, x), args.reps, warmup=False)  # noqa: B023
-                row = f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | {audio_s / jax_s:.1f} "
+            else:
+                xt = torch.from_numpy(x).to(args.torch_device)
+                run_torch(torch_model, xt)
+                jax_s, torch_s = alternating(
+                    lambda: run_jax(model, x),  # noqa: B023
+                    lambda: run_torch(torch_model, xt),  # noqa: B023
+                    args.reps,
+                )
+            row = f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | {audio_s / jax_s:.1f} "
+            if args.no_torch:
                 print(row + "| - | - | - | - | - |", flush=True)
                 continue
-            xt = torch.from_numpy(x).to(args.torch_device)
-            run_torch(torch_model, xt)
-            jax_s, torch_s = alternating(
-                lambda: run_jax(model, x),  # noqa: B023
-                lambda: run_torch(torch_model, xt),  # noqa: B023
-                args.reps,
-            )
-            row = f"| {size} | {batch} | {compile_s:.1f} | {jax_s:.3f} | {audio_s / jax_s:.1f} "
             dh, da = deviation(model, torch_model, x, xt) if batch == 1 else (np.nan, np.nan)
             print(
                 row + f"| {torch_s:.3f} | {audio_s / torch_s:.1f} | {torch_s / jax_s:.2f} "
