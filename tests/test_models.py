@@ -348,3 +348,24 @@ def test_blocked_model_equals_plain_model_and_transformers(built, name):
             ref = torch_model(torch.from_numpy(x[:1]), output_hidden_states=True)
         theirs = np.stack([h[0].numpy() for h in ref.hidden_states])  # [L+1, T, D]
         assert_hidden_close(np.asarray(a.hidden_states)[:, 0], theirs)
+
+
+def test_exact_gelu_and_heads_first_values_match_float64():
+    """The erf-form GELU and the heads-first attention product against float64 NumPy."""
+    import math
+
+    from sslsim_jax.models.modules import exact_gelu, weighted_values
+
+    x = np.linspace(-12.0, 12.0, 4001)
+    expected = x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    actual = np.asarray(jax.jit(exact_gelu)(jnp.asarray(x, jnp.float32)), np.float64)
+    scaled_error = np.abs(actual - expected) / np.maximum(np.abs(x), 1)
+    assert scaled_error.max() < 3e-7, scaled_error.max()
+    assert actual[0] == 0 and actual[-1] == np.float32(12.0)  # tails: 0 and the identity
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(7), size=(2, 3, 5))  # [B, H, Q, T], rows sum to 1
+    v = rng.standard_normal((2, 7, 3, 4))  # [B, T, H, D/H]
+    actual = weighted_values(jnp.asarray(probs, jnp.float32), jnp.asarray(v, jnp.float32))
+    assert actual.shape == (2, 5, 3, 4)
+    np.testing.assert_allclose(actual, np.einsum("bhqt,bthd->bqhd", probs, v), atol=1e-6)
