@@ -35,6 +35,7 @@ from paper_plan import MODELS, write_configs
 from sslsim_jax import stats
 from sslsim_jax.analysis import plan
 from sslsim_jax.compile_log import compile_log
+from sslsim_jax.memory import format_bytes
 from sslsim_jax.metrics import registry
 from sslsim_jax.metrics.topk import DEFAULT_KS
 from sslsim_jax.pairwise import compare_moments
@@ -75,10 +76,10 @@ def bench_update(sizes: list[int], frames: int, repeats: int) -> None:
     width = sum(sizes)
     need = 4 * width * (width + 2 * frames)  # the co-moment, the batch and its centred copy
     limit, source = plan.memory_limit(jax.devices()[0])
-    co = plan.size_text(4 * width**2)
+    co = format_bytes(4 * width**2)
     print(f"## update: {len(sizes)} networks, {width} columns, co-moment {co}")
     if need > limit:
-        print(f"skipped: needs {plan.size_text(need)}, the device holds {plan.size_text(limit)} "
+        print(f"skipped: needs {format_bytes(need)}, the device holds {format_bytes(limit)} "
               f"({source})")  # fmt: skip
         return
     update = jax.jit(update_upper, donate_argnums=0)

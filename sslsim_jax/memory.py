@@ -47,8 +47,12 @@ _NO_LIMIT = 1 << 60
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes for a message: "14.4 GB", "512.0 MB"."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """``n`` bytes for a message: "14.4 GB", "512.0 MB", "10.2 kB", "512 bytes"."""
+    if n >= 1e8:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 1e5:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{int(n)} bytes"
 
 
 def _check_positive(**values: int) -> None:

@@ -60,6 +60,14 @@ def test_sizes(text, expected):
     assert parse_size(text) == expected
 
 
+def test_a_budget_too_small_for_one_pair_is_refused_in_readable_units():
+    """Two networks of 96 neurons need 0.6 MB; a 10K budget is said as 10.2 kB, not 0.0 MB."""
+    with pytest.raises(
+        AnalysisError, match=r"needs 0\.6 MB per device, more than the budget of 10\.2 kB"
+    ):
+        plan_passes([96, 96], budget=parse_size("10K"))
+
+
 @pytest.mark.parametrize("text", ["lots", "-1G", "0", "1X"])
 def test_bad_sizes_name_max_memory(text):
     with pytest.raises(AnalysisError, match="^max_memory: expected"):

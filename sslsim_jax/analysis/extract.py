@@ -42,7 +42,7 @@ from sslsim_jax.analysis.inputs import (
     prefetch,
 )
 from sslsim_jax.analysis.networks import ModelEntry, network_sizes
-from sslsim_jax.analysis.plan import size_text, statistics_bytes
+from sslsim_jax.analysis.plan import statistics_bytes
 from sslsim_jax.analysis.settings import AnalysisError, Settings
 from sslsim_jax.analysis.state import State
 from sslsim_jax.metrics import attention as attn
@@ -161,9 +161,9 @@ def check_memory(sizes: Sequence[int], settings: Settings, mesh) -> None:
     if need > limit:
         raise AnalysisError(
             f"the joint statistics of {len(sizes)} networks ({width} neurons) with "
-            f"--bootstrap {settings.bootstrap} need about {size_text(need)} per device, more "
-            f"than the {size_text(limit)} of {what}: keep fewer --layers, lower --bootstrap, "
-            f"or split them over devices with --stat-shards (now {shards})"
+            f"--bootstrap {settings.bootstrap} need about {memory.format_bytes(need)} per device, "
+            f"more than the {memory.format_bytes(limit)} of {what}: keep fewer --layers, lower "
+            f"--bootstrap, or split them over devices with --stat-shards (now {shards})"
         )
 
 

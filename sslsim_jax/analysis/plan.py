@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 
 from sslsim_jax.analysis.settings import AnalysisError
+from sslsim_jax.memory import device_memory, format_bytes
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -56,13 +57,7 @@ def memory_limit(device) -> tuple[int, str]:
     """(bytes, description) of the memory one device of the mesh can use: an accelerator's
     limit, or on CPU the host's (cgroup, ulimit and RAM, `sslsim_jax.memory.available_memory`)
     split over the CPU devices."""
-    from sslsim_jax import memory
-
-    return memory.device_memory(device)
-
-
-def size_text(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return device_memory(device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +113,7 @@ class Plan:
         """A few lines for people: groups, passes, bytes per pass and the models each runs."""
         lines = [
             f"plan: {len(names)} networks in {len(self.groups)} group(s), "
-            f"{len(self.passes)} pass(es) over the audio, budget {size_text(self.budget)} "
+            f"{len(self.passes)} pass(es) over the audio, budget {format_bytes(self.budget)} "
             "per device"
         ]
         for i, group in enumerate(self.groups):
@@ -128,7 +123,7 @@ class Plan:
             models = list(dict.fromkeys(model_of[n] for n in p.networks))
             forwards += len(models)
             lines.append(
-                f"  pass {p.groups}: {len(p.networks)} networks, {size_text(p.bytes)}, "
+                f"  pass {p.groups}: {len(p.networks)} networks, {format_bytes(p.bytes)}, "
                 f"runs {', '.join(models)}"
             )
         lines.append(f"  forward passes over the audio: {forwards} (one model each)")
@@ -168,8 +163,8 @@ def plan_passes(sizes: Sequence[int], *, budget: int, bootstrap: int = 0, shards
     if cost(sum(widest)) > budget:
         raise AnalysisError(
             f"one pair of networks ({sum(widest)} neurons, bootstrap {bootstrap}) needs "
-            f"{size_text(cost(sum(widest)))} per device, more than the budget of "
-            f"{size_text(budget)}: raise it, keep fewer replicates or split the statistics "
+            f"{format_bytes(cost(sum(widest)))} per device, more than the budget of "
+            f"{format_bytes(budget)}: raise it, keep fewer replicates or split the statistics "
             "over devices (stat_shards)",
             argument="max_memory",
         )

@@ -51,6 +51,7 @@ from sslsim_jax.analysis.tables import (
 )
 from sslsim_jax.compile_log import compile_log
 from sslsim_jax.intermediates import SpeechModel
+from sslsim_jax.memory import format_bytes
 
 
 def versions() -> dict[str, str]:
@@ -197,7 +198,7 @@ def describe_plan(models: Sequence[str | tuple[str, SpeechModel]], settings: Set
     width = sum(sizes)
     return (
         plan.describe(names, model_of) + f"\n  all networks in one pass would need "
-        f"{plan_lib.size_text(plan_lib.statistics_bytes(width, bootstrap=settings.bootstrap))}"
+        f"{format_bytes(plan_lib.statistics_bytes(width, bootstrap=settings.bootstrap))}"
         f" ({width} neurons)"
     )
 
