@@ -5,10 +5,11 @@ through `write_table` / `write_json` (which check the columns) and the report re
 `read_results` (which validates them):
 
 - ``similarities.csv``: ``model_a, layer_a, model_b, layer_b, metric, value`` and, when
-  bootstrapped, ``ci_low, ci_high`` (empty on the rows of the attention metrics, which the
-  bootstrap does not resample). Layers are strings: ``"0"`` … ``"L"`` (0 = transformer
-  input, i = output of block i) and ``"final"`` (final LayerNorm of pre-LN models), which
-  sorts after the numbers. Both orders of every pair are present.
+  bootstrapped, ``ci_low, ci_high`` (empty on the rows of ``rbf_cka``,
+  ``attention_linear_cka`` and ``attention_svcca``, which the bootstrap does not resample).
+  Layers are strings: ``"0"`` … ``"L"`` (0 = transformer input, i = output of block i) and
+  ``"final"`` (final LayerNorm of pre-LN models), which sorts after the numbers. Both orders
+  of every pair are present.
 - ``attention_heads.csv`` (with attention): ``model_a, layer_a, head_a, model_b, layer_b,
   head_b, method, value``.
 - ``neurons.csv``: ``model_a, layer_a, neuron_a, model_b, layer_b, matched_neuron_b,

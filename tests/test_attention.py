@@ -158,6 +158,39 @@ def test_padded_batch_equals_utterances_one_by_one(batch, method):
 
 
 @pytest.mark.parametrize("method", attention.METHODS)
+def test_weighted_utterances_equal_a_corpus_with_repeats(batch, method):
+    """Replicate r of `add_utterances` (weights [R, U]) equals the float64 loop over the corpus
+    in which utterance u appears w[r, u] times; ``skipped`` counts each utterance once."""
+    maps_a, maps_b = batch
+    weights = np.array([[1, 1, 1, 1, 1], [0, 3, 1, 0, 2], [2, 0, 0, 1, 0], [0, 0, 0, 0, 0]])
+    parts = attention.utterance_sums(
+        jnp.asarray(maps_a, jnp.float32),
+        jnp.asarray(maps_b, jnp.float32),
+        jnp.asarray(LENGTHS),
+        method,
+    )
+    assert parts.total.shape == (len(LENGTHS), HA, HB) and parts.count.shape == (len(LENGTHS),)
+    state = attention.add_utterances(
+        attention.init_state(HA, HB, replicates=len(weights)), parts, jnp.asarray(weights)
+    )
+    assert state.total.shape == (len(weights), HA, HB) and state.count.shape == (len(weights),)
+    for r, w in enumerate(weights):
+        repeat = np.repeat(np.arange(len(LENGTHS)), w)
+        lengths = [LENGTHS[u] for u in repeat]
+        total, count, _ = ref_sums(maps_a[repeat], maps_b[repeat], lengths, method)
+        np.testing.assert_allclose(state.total[r], total, rtol=1e-5, atol=1e-4)
+        assert int(state.count[r]) == count
+    expected = ref_similarity(maps_a[[1, 1, 1, 2, 4, 4]], maps_b[[1, 1, 1, 2, 4, 4]],
+                              [5, 5, 5, 1, 0, 0], method)  # fmt: skip
+    finalized = attention.finalize(state)
+    np.testing.assert_allclose(finalized[1], expected, atol=1e-5)
+    assert np.all(finalized[3] == 0)  # a replicate that drew nothing: zeros, never NaN
+    assert int(state.skipped) == int(_sums(maps_a, maps_b, LENGTHS, method).skipped)
+    with pytest.raises(ValueError, match=r"integer weights of shape \[R, U=5\]"):
+        attention.add_utterances(state, parts, jnp.ones((4, 5), jnp.float32))
+
+
+@pytest.mark.parametrize("method", attention.METHODS)
 def test_streaming_over_batches_equals_one_call(method):
     rng = np.random.default_rng(1)
     lengths = (6, 3, 1, 8, 2, 4)

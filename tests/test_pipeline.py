@@ -558,6 +558,12 @@ def test_several_passes_equal_one_pass(models, tmp_path):
     assert {"attention_fro", "attention_js", "attention_linear_cka", "attention_svcca"} < set(
         table.metric
     )
+    # The head measures get bootstrap intervals; the attention-map ones have none.
+    heads = table[table.metric.isin(["attention_fro", "attention_js"])]
+    assert np.isfinite(heads[["ci_low", "ci_high"]]).all().all()
+    assert (heads.ci_low <= heads.ci_high).all() and (heads.ci_low < heads.ci_high).any()
+    maps = table[table.metric.isin(["attention_linear_cka", "attention_svcca"])]
+    assert maps[["ci_low", "ci_high"]].isna().all().all()
     for name in ("similarities.csv", "neurons.csv", "neuron_rankings.csv", "topk.csv",
                  "localization.csv", "attention_heads.csv"):  # fmt: skip
         a = pd.read_csv(tmp_path / "one" / name)

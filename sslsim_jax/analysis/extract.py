@@ -8,6 +8,8 @@ activation outlives its batch.
 Confidence intervals (``bootstrap > 0``): a Poisson bootstrap over utterances. Replicate r
 weights every frame of utterance u by w[u, r] ~ Poisson(1), drawn from ``(seed, u)`` so the
 weights do not depend on batching or resumption; each replicate keeps its own statistics.
+The attention head sums are computed once per utterance and added with the same weights to
+the full data's sums and each replicate's (stacked [1 + R, ...], `attention_weights`).
 
 Devices: every padded batch [B, S] is split over the ``"data"`` axis of a mesh
 (`sslsim_jax.distributed`), B rounded up to a size of a small set that is a multiple of the
@@ -78,6 +80,12 @@ def _updaters(mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
     return tuple(
         jax.jit(f, out_shardings=out, donate_argnums=0) for f in (_update, _update_replicates)
     )
+
+
+def attention_weights(w: np.ndarray) -> np.ndarray:
+    """[1 + R, B] int32 weights of a batch's utterances in the stacked head states: 1 for the
+    full data, then each utterance's R bootstrap draws ``w`` [B, R]."""
+    return np.concatenate([np.ones((1, w.shape[0]), np.int32), w.T.astype(np.int32)])
 
 
 @functools.cache
@@ -346,16 +354,22 @@ def extract(
             # [B*T, ΣD] (padded layout when sharded)
             z = np.concatenate(columns, axis=1) if on_host else join(columns)
             state.moments = update(state.moments, z, jnp.asarray(mask))
-            if state.replicates is not None:
+            w = None  # [B, R] each utterance's bootstrap weights
+            if settings.bootstrap:
                 w = np.stack(
                     [poisson_weights(settings.seed, ids[i], settings.bootstrap) for i in batch]
                 )
                 w = np.pad(w, ((0, dummies), (0, 0)))  # [B, R]
+            if state.replicates is not None:
                 t = len(mask) // len(waves)
                 frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
                 state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
             for (a, b, method), s in state.heads.items():
-                s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
+                if w is None:
+                    s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
+                else:  # the full data (weight 1) and its replicates, from one computation
+                    parts = attn.utterance_sums(maps[a], maps[b], frame_lengths, method)
+                    s = attn.add_utterances(s, parts, attention_weights(w))
                 state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
             if state.attention_maps is not None:
                 state.attention_maps = _map_updater(mesh)(

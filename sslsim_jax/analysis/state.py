@@ -86,7 +86,13 @@ def init_state(sizes, settings, entries, mesh=None, attention_pairs=None, *, hos
                 hb = b.model.config.num_hidden_layers * b.model.config.num_attention_heads
                 for method in settings.attention_methods:
                     if method in registry.HEAD_METHODS:
-                        heads[a.name, b.name, method] = attn.init_state(ha, hb)
+                        # With --bootstrap: the full data and its R replicates, stacked
+                        # [1 + R, ...] (`attention_weights`).
+                        heads[a.name, b.name, method] = attn.init_state(
+                            ha,
+                            hb,
+                            replicates=1 + settings.bootstrap if settings.bootstrap else None,
+                        )
     maps = None
     if settings.attention and set(settings.attention_methods) & set(registry.MAP_METHODS):
         maps = attention_maps.init(

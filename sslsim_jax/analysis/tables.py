@@ -131,13 +131,18 @@ def similarity_table(
         frame = _pair_rows(names, names, values[metric], metric)
         if settings.bootstrap:
             # rbf_cka has no interval: its frame subsample has no per-utterance weights.
-            reps = np.stack(replicates.get(metric) or [np.full(frame.shape[0], np.nan)])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                frame["ci_low"] = np.nanpercentile(reps, 2.5, axis=0)
-                frame["ci_high"] = np.nanpercentile(reps, 97.5, axis=0)
+            _add_interval(frame, replicates.get(metric) or [np.full(frame.shape[0], np.nan)])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _add_interval(frame: pd.DataFrame, replicates) -> None:
+    """``ci_low``, ``ci_high``: the 2.5 and 97.5 percentiles of each row's replicate values
+    (``replicates`` [R, rows]; NaN replicates left out, NaN where all are)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        frame["ci_low"] = np.nanpercentile(np.stack(replicates), 2.5, axis=0)
+        frame["ci_high"] = np.nanpercentile(np.stack(replicates), 97.5, axis=0)
 
 
 def rbf_matrix(state: State, entries: Sequence[ModelEntry]) -> np.ndarray:
@@ -203,21 +208,38 @@ def localization_rows(table: pd.DataFrame, settings: Settings) -> pd.DataFrame |
 def attention_tables(
     state: State, entries: Sequence[ModelEntry]
 ) -> tuple[list[pd.DataFrame], pd.DataFrame | None]:
-    """Layer-level attention rows (metric ``attention_<method>``) and the head-level table."""
+    """Layer-level attention rows (metric ``attention_<method>``) and the head-level table.
+
+    Head states stacked with their bootstrap replicates ([1 + R, ...], `state.init_state`)
+    give the layer rows ``ci_low``/``ci_high``; the head table holds the full data's values.
+    """
     by_name = {e.name: e for e in entries}
     layer_rows, head_rows = [], []
     for (a, b, method), s in state.heads.items():
-        sim = np.asarray(attn.finalize(s))  # [La*Ha, Lb*Hb]
-        for x, y, matrix in ((a, b, sim), (b, a, sim.T)) if a != b else ((a, b, sim),):
+        sims = np.asarray(attn.finalize(s))  # [La*Ha, Lb*Hb] or [1 + R, La*Ha, Lb*Hb]
+        counted = np.asarray(s.count) > 0
+        if sims.ndim == 2:
+            sims, counted = sims[None], counted[None]
+        for x, y, stack in (
+            ((a, b, sims), (b, a, sims.swapaxes(1, 2))) if a != b else ((a, b, sims),)
+        ):
             cx, cy = by_name[x].model.config, by_name[y].model.config
-            split = np.asarray(
-                attn.split_layers(jnp.asarray(matrix), cx.num_hidden_layers, cy.num_hidden_layers)
-            )  # [Lx, Ly, Hx, Hy]
-            score, _ = attn.layer_score(jnp.asarray(split))
+            split = np.stack(
+                [
+                    attn.split_layers(jnp.asarray(m), cx.num_hidden_layers, cy.num_hidden_layers)
+                    for m in stack
+                ]
+            )  # [1 + R, Lx, Ly, Hx, Hy]
+            scores = np.asarray(attn.layer_score(jnp.asarray(split))[0])  # [1 + R, Lx, Ly]
             names_x = attention_layer_names(by_name[x])
             names_y = attention_layer_names(by_name[y])
             metric = f"attention_{method}"
-            layer_rows.append(_pair_rows(names_x, names_y, np.asarray(score), metric))
+            frame = _pair_rows(names_x, names_y, scores[0], metric)
+            if len(scores) > 1:  # a replicate that drew no utterance has no value
+                reps = np.where(counted[1:, None, None], scores[1:], np.nan)
+                _add_interval(frame, list(reps.reshape(len(reps), -1)))
+            layer_rows.append(frame)
+            split = split[0]
             lx, ly, hx, hy = split.shape
             idx = np.indices(split.shape).reshape(4, -1)
             head_rows.append(

@@ -58,6 +58,7 @@ from sslsim_jax import stats
 __all__ = [
     "METHODS",
     "HeadSimilarityState",
+    "add_utterances",
     "attention_cells",
     "cell_moments",
     "finalize",
@@ -70,6 +71,7 @@ __all__ = [
     "split_layers",
     "update_cell_moments",
     "update_state",
+    "utterance_sums",
 ]
 
 Method = Literal["fro", "pearson", "js"]
@@ -147,10 +149,11 @@ def _centre_rows(maps: jax.Array, cell_ok: jax.Array, n: jax.Array) -> tuple[jax
     return mean, jnp.where(cell_ok, maps - mean[..., None], 0)
 
 
-# The kernels (_fro_sums, _pearson_sums, _js_sums) are jitted so that eager calls compile
-# once per shape; under an outer jit they are inlined.
+# The kernels (_fro_parts, _pearson_parts, _js_parts) return every utterance's sums apart
+# (`utterance_sums`). They are jitted so that eager calls compile once per shape; under an
+# outer jit they are inlined.
 @functools.partial(jax.jit, static_argnames=("precision",))
-def _fro_sums(
+def _fro_parts(
     maps_a: jax.Array, maps_b: jax.Array, n: jax.Array, precision: lax.PrecisionLike
 ) -> HeadSimilarityState:
     dtype = _compute_dtype(maps_a, maps_b)
@@ -177,11 +180,10 @@ def _fro_sums(
     # Rounding can push a zero distance slightly below zero; clamp so sqrt never gives NaN.
     dist = jnp.sqrt(jnp.maximum(dist2, 0))
     used = n >= 1
-    total = jnp.sum(jnp.where(used[:, None, None], 1 - dist, 0), axis=0)
     return HeadSimilarityState(
-        total=total,
-        count=jnp.sum(used, dtype=jnp.int32),
-        skipped=jnp.sum(~used, dtype=jnp.int32),
+        total=jnp.where(used[:, None, None], 1 - dist, 0),
+        count=used.astype(jnp.int32),
+        skipped=(~used).astype(jnp.int32),
     )
 
 
@@ -198,7 +200,7 @@ def _standardised_rows(maps: jax.Array, cell_ok: jax.Array, n: jax.Array) -> jax
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))
-def _pearson_sums(
+def _pearson_parts(
     maps_a: jax.Array, maps_b: jax.Array, n: jax.Array, precision: lax.PrecisionLike
 ) -> HeadSimilarityState:
     dtype = _compute_dtype(maps_a, maps_b)
@@ -213,12 +215,10 @@ def _pearson_sums(
     # Σ over rows of r = Σ over rows and keys of za·zb: a Gram matrix per utterance.
     za = za.reshape(u, za.shape[1], t * t)  # [U, Ha, T, T] -> [U, Ha, T*T]
     zb = zb.reshape(u, zb.shape[1], t * t)  # [U, Hb, T, T] -> [U, Hb, T*T]
-    # Reduced over utterances after the matmul, which keeps U a batch axis for sharding.
-    total = jnp.einsum("uhn,ugn->uhg", za, zb, precision=precision).sum(0)
     return HeadSimilarityState(
-        total=total,
-        count=jnp.sum(n_used, dtype=jnp.int32),
-        skipped=jnp.sum(~used, dtype=jnp.int32),
+        total=jnp.einsum("uhn,ugn->uhg", za, zb, precision=precision),
+        count=n_used.astype(jnp.int32),
+        skipped=(~used).astype(jnp.int32),
     )
 
 
@@ -264,7 +264,7 @@ def js_block_shape(
 
 
 @functools.partial(jax.jit, static_argnames=("block_elements",))
-def _js_sums(
+def _js_parts(
     maps_a: jax.Array, maps_b: jax.Array, n: jax.Array, block_elements: int
 ) -> HeadSimilarityState:
     dtype = _compute_dtype(maps_a, maps_b)
@@ -325,12 +325,11 @@ def _js_sums(
     acc = jnp.zeros((u, ha, hb), dtype)
     for x in (maps_a[:, :1, :1, 0], maps_b[:, :1, :1, 0], n[:, None, None]):  # [U, 1, 1]
         acc = acc + jnp.zeros_like(x, dtype=dtype)
-    js_total = lax.fori_loop(0, na * nb * nq, step, acc).sum(0)
-    count = jnp.sum(n, dtype=jnp.int32)
+    js_total = lax.fori_loop(0, na * nb * nq, step, acc)
     return HeadSimilarityState(
-        total=count.astype(dtype) - js_total,
-        count=count,
-        skipped=jnp.sum(n < 1, dtype=jnp.int32),
+        total=n.astype(dtype)[:, None, None] - js_total,
+        count=n.astype(jnp.int32),
+        skipped=(n < 1).astype(jnp.int32),
     )
 
 
@@ -384,33 +383,92 @@ def head_similarity_sums(
     Returns:
       ``HeadSimilarityState`` with ``total`` [Ha, Hb], ``count`` and ``skipped``.
     """
+    parts = utterance_sums(
+        maps_a, maps_b, lengths, method, precision=precision, block_elements=block_elements
+    )
+    return add_utterances(
+        init_state(maps_a.shape[1], maps_b.shape[1], dtype=parts.total.dtype), parts
+    )
+
+
+def utterance_sums(
+    maps_a: jax.Array,
+    maps_b: jax.Array,
+    lengths: jax.Array | None = None,
+    method: Method = "fro",
+    *,
+    precision: lax.PrecisionLike | None = None,
+    block_elements: int = DEFAULT_JS_BLOCK_ELEMENTS,
+) -> HeadSimilarityState:
+    """`head_similarity_sums` of each utterance apart: ``total`` [U, Ha, Hb], ``count`` [U]
+    and ``skipped`` [U] (0 or 1). Their sums over U are `head_similarity_sums`; weighted sums
+    (`add_utterances` with weights) are those of a resampled corpus, e.g. a bootstrap
+    replicate. Arguments as in `head_similarity_sums`."""
     _check_inputs(maps_a, maps_b, lengths, method)
     u, _, t, _ = jnp.shape(maps_a)
     n = _lengths(lengths, u, t)
     if t == 0:  # no frames at all: every utterance is skipped
         return HeadSimilarityState(
-            total=jnp.zeros((maps_a.shape[1], maps_b.shape[1]), _compute_dtype(maps_a, maps_b)),
-            count=jnp.zeros((), jnp.int32),
-            skipped=jnp.asarray(u, jnp.int32),
+            total=jnp.zeros((u, maps_a.shape[1], maps_b.shape[1]), _compute_dtype(maps_a, maps_b)),
+            count=jnp.zeros((u,), jnp.int32),
+            skipped=jnp.ones((u,), jnp.int32),
         )
     if precision is None:
         precision = stats.matmul_precision()
     if method == "fro":
-        return _fro_sums(maps_a, maps_b, n, precision)
+        return _fro_parts(maps_a, maps_b, n, precision)
     if method == "pearson":
-        return _pearson_sums(maps_a, maps_b, n, precision)
-    return _js_sums(maps_a, maps_b, n, block_elements)
+        return _pearson_parts(maps_a, maps_b, n, precision)
+    return _js_parts(maps_a, maps_b, n, block_elements)
 
 
 def init_state(
-    heads_a: int, heads_b: int, *, dtype: jnp.dtype = jnp.float32
+    heads_a: int, heads_b: int, *, dtype: jnp.dtype = jnp.float32, replicates: int | None = None
 ) -> HeadSimilarityState:
-    """An empty ``HeadSimilarityState`` for Ha × Hb head pairs."""
+    """An empty ``HeadSimilarityState`` for Ha × Hb head pairs; with ``replicates`` R, R of them
+    stacked (``total`` [R, Ha, Hb], ``count`` [R]; ``skipped`` stays one count), for
+    `add_utterances` with weights."""
+    lead = () if replicates is None else (int(replicates),)
     return HeadSimilarityState(
-        total=jnp.zeros((heads_a, heads_b), dtype),
-        count=jnp.zeros((), jnp.int32),
+        total=jnp.zeros((*lead, heads_a, heads_b), dtype),
+        count=jnp.zeros(lead, jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def add_utterances(
+    state: HeadSimilarityState, parts: HeadSimilarityState, weights: jax.Array | None = None
+) -> HeadSimilarityState:
+    """Adds per-utterance sums (`utterance_sums`) to ``state``.
+
+    Args:
+      state: [Ha, Hb] sums, or with ``weights`` R stacked ones (`init_state` with replicates).
+      parts: `utterance_sums` of U utterances.
+      weights: None, or [R, U] integer frequency weights (utterance u counted w[r, u] times in
+        state r, e.g. Poisson bootstrap draws). ``skipped`` counts each skipped utterance once,
+        whatever its weights.
+
+    Returns:
+      The merged state.
+    """
+    if weights is None:
+        sums = jax.tree.map(lambda a: a.sum(0), parts)
+        return merge_states(state, sums)
+    w = jnp.asarray(weights)
+    if (
+        not jnp.issubdtype(w.dtype, jnp.integer)
+        or w.ndim != 2
+        or w.shape[1] != parts.count.shape[0]
+    ):
+        raise ValueError(
+            f"expected integer weights of shape [R, U={parts.count.shape[0]}], got "
+            f"{w.dtype} {tuple(w.shape)}"
+        )
+    total = jnp.einsum(
+        "ru,uhg->rhg", w.astype(parts.total.dtype), parts.total, precision=stats.matmul_precision()
+    )
+    count = jnp.sum(w.astype(jnp.int32) * parts.count[None, :], axis=1)
+    return merge_states(state, HeadSimilarityState(total, count, parts.skipped.sum()))
 
 
 def merge_states(a: HeadSimilarityState, b: HeadSimilarityState) -> HeadSimilarityState:
@@ -449,8 +507,9 @@ def update_state(
 
 
 def finalize(state: HeadSimilarityState) -> jax.Array:
-    """S = total / count, [Ha, Hb]; all zeros (never NaN) while ``state.count`` is 0."""
-    count = state.count.astype(state.total.dtype)
+    """S = total / count, [Ha, Hb] (or [R, Ha, Hb] for stacked states); all zeros (never NaN)
+    while a state's ``count`` is 0."""
+    count = state.count.astype(state.total.dtype)[..., None, None]
     return jnp.where(count > 0, state.total / jnp.maximum(count, 1), 0)
 
 
