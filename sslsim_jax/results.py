@@ -5,8 +5,8 @@ through `write_table` / `write_json` (which check the columns) and the report re
 `read_results` (which validates them):
 
 - ``similarities.csv``: ``model_a, layer_a, model_b, layer_b, metric, value`` and, when
-  bootstrapped, ``ci_low, ci_high`` (empty on the rows of ``rbf_cka``,
-  ``attention_linear_cka`` and ``attention_svcca``, which the bootstrap does not resample).
+  bootstrapped, ``ci_low, ci_high`` (empty on the rows of ``rbf_cka``, whose frame
+  subsample the bootstrap does not resample).
   Layers are strings: ``"0"`` … ``"L"`` (0 = transformer input, i = output of block i) and
   ``"final"`` (final LayerNorm of pre-LN models), which sorts after the numbers. Both orders
   of every pair are present.

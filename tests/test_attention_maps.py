@@ -147,3 +147,29 @@ def test_one_compile_per_shape():
     m = f(m, maps, jnp.asarray(lengths))
     f(m, maps, jnp.asarray(lengths))
     assert len(traces) == 1
+
+
+def test_weighted_updates_equal_a_corpus_with_repeats():
+    """Replicate r of `update_weighted` equals `update` on the batch with utterance b repeated
+    weights[r, b] times (a replicate that draws nothing stays empty)."""
+    (maps, lengths), _ = batches()
+    weights = np.array([[1, 1, 1], [0, 2, 1], [3, 0, 0], [0, 0, 0]])
+    stacked = attention_maps.init(LAYERS, HEADS, replicates=len(weights))
+    assert stacked.comoment.shape == (4, 12, 12)
+    got = jax.jit(attention_maps.update_weighted)(
+        stacked, [jnp.asarray(x) for x in maps], jnp.asarray(lengths), jnp.asarray(weights)
+    )
+    for r, w in enumerate(weights):
+        repeat = np.repeat(np.arange(len(lengths)), w)
+        m = attention_maps.init(LAYERS, HEADS)
+        if len(repeat):
+            m = attention_maps.update(
+                m, [jnp.asarray(x[repeat]) for x in maps], jnp.asarray(lengths[repeat])
+            )
+        for field in ("count", "mean", "comoment", "row_cross", "row_gram"):
+            np.testing.assert_allclose(
+                getattr(got, field)[r], getattr(m, field), rtol=1e-5, atol=1e-5, err_msg=field
+            )
+    assert float(got.count[3]) == 0 and float(got.count[1]) == 2 * 3**2 + 5**2
+    with pytest.raises(ValueError, match=r"integer weights of shape \[R=4, B=3\]"):
+        attention_maps.update_weighted(stacked, [jnp.asarray(x) for x in maps], None, weights[:2])

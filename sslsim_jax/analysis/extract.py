@@ -8,8 +8,9 @@ activation outlives its batch.
 Confidence intervals (``bootstrap > 0``): a Poisson bootstrap over utterances. Replicate r
 weights every frame of utterance u by w[u, r] ~ Poisson(1), drawn from ``(seed, u)`` so the
 weights do not depend on batching or resumption; each replicate keeps its own statistics.
-The attention head sums are computed once per utterance and added with the same weights to
-the full data's sums and each replicate's (stacked [1 + R, ...], `attention_weights`).
+The attention head sums and attention-map statistics are computed once per utterance and
+added with the same weights to the full data's and each replicate's (stacked [1 + R, ...],
+`attention_weights`).
 
 Devices: every padded batch [B, S] is split over the ``"data"`` axis of a mesh
 (`sslsim_jax.distributed`), B rounded up to a size of a small set that is a multiple of the
@@ -98,6 +99,12 @@ def _mirror(mesh: jax.sharding.Mesh) -> Callable:
 def _map_updater(mesh: jax.sharding.Mesh) -> Callable:
     """The jitted update of the attention-map statistics (`attention_maps.update`)."""
     return jax.jit(attention_maps.update, out_shardings=distributed.replicated(mesh))
+
+
+@functools.cache
+def _weighted_map_updater(mesh: jax.sharding.Mesh) -> Callable:
+    """`attention_maps.update_weighted`, jitted like `_map_updater`."""
+    return jax.jit(attention_maps.update_weighted, out_shardings=distributed.replicated(mesh))
 
 
 def _bad_frames(entry: ModelEntry, out, mask: jax.Array) -> jax.Array:
@@ -372,9 +379,15 @@ def extract(
                     s = attn.add_utterances(s, parts, attention_weights(w))
                 state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
             if state.attention_maps is not None:
-                state.attention_maps = _map_updater(mesh)(
-                    state.attention_maps, [maps[e.name] for e in entries], frame_lengths
-                )
+                batch_maps = [maps[e.name] for e in entries]
+                if w is None:
+                    state.attention_maps = _map_updater(mesh)(
+                        state.attention_maps, batch_maps, frame_lengths
+                    )
+                else:  # stacked like the head sums: the full data, then the replicates
+                    state.attention_maps = _weighted_map_updater(mesh)(
+                        state.attention_maps, batch_maps, frame_lengths, attention_weights(w)
+                    )
             # One sync per batch: bounds the work queued ahead, and a failed device allocation
             # raises here (reading an output buffer first would wait for it forever, XLA CPU).
             jax.block_until_ready(state.moments)

@@ -81,8 +81,7 @@ class Settings:
     bootstrap: int = option(
         0,
         "confidence intervals from B Poisson-bootstrap replicates over utterances (0: none); "
-        "each replicate keeps its own statistics; rbf_cka and the attention-map measures get "
-        "no interval",
+        "each replicate keeps its own statistics (rbf_cka gets no interval)",
         metavar="B",
     )
     seed: int = option(0, "seed of the bootstrap draws", metavar="SEED")

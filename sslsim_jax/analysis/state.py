@@ -98,6 +98,7 @@ def init_state(sizes, settings, entries, mesh=None, attention_pairs=None, *, hos
         maps = attention_maps.init(
             [e.model.config.num_hidden_layers for e in entries],
             [e.model.config.num_attention_heads for e in entries],
+            replicates=1 + settings.bootstrap if settings.bootstrap else None,
         )
     rbf = None
     if "rbf_cka" in settings.metrics:
@@ -514,7 +515,7 @@ def merge_processes(state: State, settings: Settings) -> State:
     first = jax.make_array_from_callback(
         first.shape, NamedSharding(world, PartitionSpec(distributed.DATA)), lambda i: first[i]
     )
-    merged = _merger(world, specs)(first, *on_world)
+    merged = _merger(world, specs, stacked_maps(state))(first, *on_world)
     moments, replicates, heads, maps, rbf = jax.tree.map(
         lambda x, spec: _to_local(x, spec, local), merged, specs
     )
@@ -547,9 +548,15 @@ def _merge_specs(state: State, settings: Settings):
         moments(state.moments),
         moments(state.replicates, 1),
         heads,
-        moments(state.attention_maps),
+        moments(state.attention_maps, stacked_maps(state)),
         None if state.rbf is None else PartitionSpec(),
     )
+
+
+def stacked_maps(state: State) -> int:
+    """1 when ``state``'s attention-map statistics are stacked with their bootstrap replicates
+    ([1 + R, ...], `init_state`), else 0: their leading axes."""
+    return int(state.attention_maps is not None and state.attention_maps.count.ndim == 1)
 
 
 def _to_world(x: Any, spec: PartitionSpec, local: Mesh, world: Mesh) -> jax.Array:
@@ -589,8 +596,9 @@ def _to_local(x: jax.Array, spec: PartitionSpec, local: Mesh) -> jax.Array:
     )
 
 
-def _merger(world: Mesh, specs) -> Callable:
-    """The jitted collective merge of (moments, replicates, heads, attention maps, rbf rows)."""
+def _merger(world: Mesh, specs, stacked: int) -> Callable:
+    """The jitted collective merge of (moments, replicates, heads, attention maps, rbf rows);
+    ``stacked``: `stacked_maps`."""
     data, split = distributed.DATA, distributed.STATS
 
     def moments_psum(m: stats.Moments) -> stats.Moments:
@@ -610,7 +618,7 @@ def _merger(world: Mesh, specs) -> Callable:
             moments_psum(moments),
             None if replicates is None else jax.vmap(moments_psum)(replicates),
             jax.tree.map(lambda a: jax.lax.psum(a, data), heads),
-            None if maps is None else moments_psum(maps),
+            None if maps is None else (jax.vmap(moments_psum) if stacked else moments_psum)(maps),
             None if rbf is None else jax.lax.psum(rbf, data),  # rows of one process each
         )
 

@@ -162,17 +162,40 @@ def attention_map_rows(
     state: State, entries: Sequence[ModelEntry], settings: Settings
 ) -> list[pd.DataFrame]:
     """``attention_linear_cka`` / ``attention_svcca`` rows: every attention layer of every
-    model against every other, heads as neurons and valid (query, key) cells as samples."""
+    model against every other, heads as neurons and valid (query, key) cells as samples.
+
+    Statistics stacked with their bootstrap replicates ([1 + R, ...], `state.init_state`)
+    give the rows ``ci_low``/``ci_high``."""
     if state.attention_maps is None:
         return []
     names = [n for e in entries for n in attention_layer_names(e)]
     methods = [m for m in settings.attention_methods if m in registry.MAP_METHODS]
+    stacked = state.attention_maps
+    if stacked.count.ndim == 0:
+        stacked = jax.tree.map(lambda a: a[None], stacked)
+    compare = functools.partial(
+        compare_moments, names=names, metrics=methods, variance=settings.svcca_variance
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        values = compare_moments(
-            state.attention_maps, names, metrics=methods, variance=settings.svcca_variance
-        )
-    return [_pair_rows(names, names, values[m], f"attention_{m}") for m in methods]
+        values = compare(jax.tree.map(lambda a: a[0], stacked))
+    replicates = {m: [] for m in methods}
+    for r in range(1, stacked.count.shape[0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported once above, on the full data
+            try:
+                values_r = compare(jax.tree.map(lambda a, r=r: a[r], stacked))
+            except ValueError:  # a replicate that drew fewer than 2 cells has no values
+                values_r = {m: np.full(len(names) ** 2, np.nan) for m in methods}
+        for m in methods:
+            replicates[m].append(np.asarray(values_r[m]).ravel())
+    frames = []
+    for m in methods:
+        frame = _pair_rows(names, names, values[m], f"attention_{m}")
+        if replicates[m]:
+            _add_interval(frame, replicates[m])
+        frames.append(frame)
+    return frames
 
 
 def topk_rows(

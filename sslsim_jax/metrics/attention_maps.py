@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from sslsim_jax import stats
 from sslsim_jax.metrics.attention import attention_cells
 
-__all__ = ["cell_rows", "init", "layer_sizes", "update"]
+__all__ = ["cell_rows", "init", "layer_sizes", "update", "update_weighted"]
 
 
 def layer_sizes(layers: Sequence[int], heads: Sequence[int]) -> tuple[int, ...]:
@@ -55,9 +55,15 @@ def layer_sizes(layers: Sequence[int], heads: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(h) for l_k, h in zip(layers, heads, strict=True) for _ in range(int(l_k)))
 
 
-def init(layers: Sequence[int], heads: Sequence[int], dtype=jnp.float32) -> stats.Moments:
-    """Empty joint statistics of every attention layer of the models (see `layer_sizes`)."""
-    return stats.init(layer_sizes(layers, heads), dtype)
+def init(
+    layers: Sequence[int], heads: Sequence[int], dtype=jnp.float32, replicates: int | None = None
+) -> stats.Moments:
+    """Empty joint statistics of every attention layer of the models (see `layer_sizes`); with
+    ``replicates`` R, R of them stacked (every field [R, ...]), for `update_weighted`."""
+    m = stats.init(layer_sizes(layers, heads), dtype)
+    if replicates is None:
+        return m
+    return jax.tree.map(lambda a: jnp.zeros((int(replicates), *a.shape), a.dtype), m)
 
 
 def cell_rows(
@@ -113,3 +119,68 @@ def update(
             f"got {z.shape[1]}"
         )
     return stats.update(m, z, where=w)
+
+
+def _weighted_union(parts: stats.Moments, copies: jax.Array) -> stats.Moments:
+    """The statistics of the frames of U parts (each field [U, ...]), part u taken ``copies[u]``
+    times: every part re-centred on the union's mean (`stats._shift`, exact identities), then
+    the sums added with their weights. Vectorised over the parts (no loop, so no collective
+    inside a loop when the parts are split over devices)."""
+    c = copies.astype(parts.count.dtype)
+    count = jnp.sum(c * parts.count)
+    safe = jnp.where(count > 0, count, 1)
+    mean = jnp.einsum("u,ud->d", c * parts.count, parts.mean) / safe
+    shifted = jax.vmap(lambda p: stats._shift(p, mean - p.mean))(parts)
+
+    def total(a: jax.Array) -> jax.Array:
+        return jnp.tensordot(c, a, axes=1)
+
+    return shifted.replace(
+        count=count,
+        mean=mean,
+        comoment=total(shifted.comoment),
+        row_cross=total(shifted.row_cross),
+        row_gram=total(shifted.row_gram),
+    )
+
+
+def update_weighted(
+    m: stats.Moments,
+    maps: Sequence[jax.Array],
+    lengths: jax.Array | None,
+    weights: jax.Array,
+) -> stats.Moments:
+    """`update` of R stacked statistics, utterance b counted ``weights[r, b]`` times in
+    statistics r (integer frequency weights, e.g. Poisson bootstrap draws; row 0 all ones
+    gives the full data's statistics beside the replicates).
+
+    Each utterance's cell statistics are computed once ([B] `stats.moments`, the same flops as
+    one `update`); each replicate then takes their weighted union (B re-centrings of
+    [ΣLH]² sums) and merges it (`stats.merge`).
+
+    Args:
+        m: R stacked statistics (`init` with ``replicates``).
+        maps, lengths: as in `cell_rows`.
+        weights: [R, B] non-negative integers.
+
+    Returns:
+        The updated stacked statistics.
+    """
+    z, w = cell_rows(maps, lengths)
+    batch = jnp.shape(maps[0])[0]
+    weights = jnp.asarray(weights)
+    if not jnp.issubdtype(weights.dtype, jnp.integer) or weights.shape != (m.count.shape[0], batch):
+        raise ValueError(
+            f"expected integer weights of shape [R={m.count.shape[0]}, B={batch}], got "
+            f"{weights.dtype} {tuple(weights.shape)}"
+        )
+    if z.shape[1] != sum(m.sizes):
+        raise ValueError(
+            f"expected maps with Σ L_k H_k = {sum(m.sizes)} heads in all (m.sizes), "
+            f"got {z.shape[1]}"
+        )
+    # [B*T*T, ΣLH] -> [B, T*T, ΣLH]: each utterance's cells apart
+    parts = jax.vmap(lambda zb, wb: stats.moments(zb, where=wb, sizes=m.sizes))(
+        z.reshape(batch, -1, z.shape[1]), w.reshape(batch, -1)
+    )
+    return jax.vmap(lambda m_r, w_r: stats.merge(m_r, _weighted_union(parts, w_r)))(m, weights)
