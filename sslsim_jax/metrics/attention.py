@@ -20,7 +20,9 @@ head axis, ``maps`` [U, L*H, T, T]; ``split_layers`` and ``layer_score`` undo th
 
 Statistics are sums and counts (``HeadSimilarityState``), so batches stream with
 ``update_state`` and devices merge with ``merge_states`` or ``jax.lax.psum``; the result does
-not depend on how utterances were split.
+not depend on how utterances were split. ``utterance_sums`` keeps each utterance's sums apart,
+and ``add_utterances`` adds them with integer weights to R stacked states at once (bootstrap
+replicates of a resampled corpus, for the cost of one computation).
 
 Deliberate differences from the reference code of El Kheir et al.:
 
