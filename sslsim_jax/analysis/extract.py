@@ -371,12 +371,13 @@ def extract(
                 t = len(mask) // len(waves)
                 frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
                 state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
+            stacked_w = None if w is None else attention_weights(w)  # [1 + R, B]
             for (a, b, method), s in state.heads.items():
                 if w is None:
                     s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
                 else:  # the full data (weight 1) and its replicates, from one computation
                     parts = attn.utterance_sums(maps[a], maps[b], frame_lengths, method)
-                    s = attn.add_utterances(s, parts, attention_weights(w))
+                    s = attn.add_utterances(s, parts, stacked_w)
                 state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
             if state.attention_maps is not None:
                 batch_maps = [maps[e.name] for e in entries]
@@ -386,7 +387,7 @@ def extract(
                     )
                 else:  # stacked like the head sums: the full data, then the replicates
                     state.attention_maps = _weighted_map_updater(mesh)(
-                        state.attention_maps, batch_maps, frame_lengths, attention_weights(w)
+                        state.attention_maps, batch_maps, frame_lengths, stacked_w
                     )
             # One sync per batch: bounds the work queued ahead, and a failed device allocation
             # raises here (reading an output buffer first would wait for it forever, XLA CPU).

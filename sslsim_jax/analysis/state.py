@@ -76,6 +76,9 @@ def init_state(sizes, settings, entries, mesh=None, attention_pairs=None, *, hos
         moments = host_stats.init(sizes) if host else stats.init(sizes)
         if settings.bootstrap:
             replicates = jax.tree.map(lambda a: jnp.stack([a] * settings.bootstrap), moments)
+    # Attention statistics with --bootstrap: the full data and its R replicates, stacked
+    # [1 + R, ...] (`extract.attention_weights`).
+    stack = 1 + settings.bootstrap if settings.bootstrap else None
     heads = {}
     if settings.attention:
         for i, a in enumerate(entries):
@@ -86,19 +89,13 @@ def init_state(sizes, settings, entries, mesh=None, attention_pairs=None, *, hos
                 hb = b.model.config.num_hidden_layers * b.model.config.num_attention_heads
                 for method in settings.attention_methods:
                     if method in registry.HEAD_METHODS:
-                        # With --bootstrap: the full data and its R replicates, stacked
-                        # [1 + R, ...] (`attention_weights`).
-                        heads[a.name, b.name, method] = attn.init_state(
-                            ha,
-                            hb,
-                            replicates=1 + settings.bootstrap if settings.bootstrap else None,
-                        )
+                        heads[a.name, b.name, method] = attn.init_state(ha, hb, replicates=stack)
     maps = None
     if settings.attention and set(settings.attention_methods) & set(registry.MAP_METHODS):
         maps = attention_maps.init(
             [e.model.config.num_hidden_layers for e in entries],
             [e.model.config.num_attention_heads for e in entries],
-            replicates=1 + settings.bootstrap if settings.bootstrap else None,
+            replicates=stack,
         )
     rbf = None
     if "rbf_cka" in settings.metrics:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,20 +112,14 @@ def similarity_table(
         if state.rbf is not None:
             values["rbf_cka"] = rbf_matrix(state, entries)
     bar.update()
-    replicates = {metric: [] for metric in metrics}
-    for r in range(settings.bootstrap if metrics else 0):
-        m_r = jax.tree.map(lambda a, r=r: a[r], state.replicates)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported once above, on the full data
-            try:
-                values_r = pairwise(m_r, names, metrics=metrics)
-            except ValueError:
-                # A replicate that drew fewer than 2 frames (every utterance weighted 0) has
-                # no values; the interval comes from the other replicates.
-                values_r = {m: np.full(len(names) ** 2, np.nan) for m in metrics}
-        for metric in metrics:
-            replicates[metric].append(values_r[metric].ravel())
-        bar.update()
+    replicates = _replicate_values(
+        lambda m_r: pairwise(m_r, names, metrics=metrics),
+        state.replicates,
+        range(settings.bootstrap if metrics else 0),
+        metrics,
+        len(names) ** 2,
+        tick=bar.update,
+    )
     bar.close()
     frames = []
     for metric in settings.metrics:
@@ -136,13 +131,41 @@ def similarity_table(
     return pd.concat(frames, ignore_index=True)
 
 
+def _replicate_values(
+    values_of: Callable[[Any], dict],
+    stacked: Any,
+    indices: Iterable[int],
+    metrics: Sequence[str],
+    cells: int,
+    *,
+    tick: Callable[[], object] = lambda: None,
+) -> dict[str, list[np.ndarray]]:
+    """Each metric's flattened values on replicate r of ``stacked`` statistics (leading axis),
+    for r in ``indices``. A replicate that drew fewer than 2 frames (every utterance weighted 0)
+    has no values: NaN in its ``cells`` entries; the interval comes from the other replicates.
+    ``tick`` is called after each replicate (a progress bar)."""
+    out = {m: [] for m in metrics}
+    for r in indices:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported once, on the full data
+            try:
+                values_r = values_of(jax.tree.map(lambda a, r=r: a[r], stacked))
+            except ValueError:
+                values_r = {m: np.full(cells, np.nan) for m in metrics}
+        for m in metrics:
+            out[m].append(np.asarray(values_r[m]).ravel())
+        tick()
+    return out
+
+
 def _add_interval(frame: pd.DataFrame, replicates) -> None:
     """``ci_low``, ``ci_high``: the 2.5 and 97.5 percentiles of each row's replicate values
     (``replicates`` [R, rows]; NaN replicates left out, NaN where all are)."""
+    values = np.stack(replicates)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        frame["ci_low"] = np.nanpercentile(np.stack(replicates), 2.5, axis=0)
-        frame["ci_high"] = np.nanpercentile(np.stack(replicates), 97.5, axis=0)
+        frame["ci_low"] = np.nanpercentile(values, 2.5, axis=0)
+        frame["ci_high"] = np.nanpercentile(values, 97.5, axis=0)
 
 
 def rbf_matrix(state: State, entries: Sequence[ModelEntry]) -> np.ndarray:
@@ -179,16 +202,9 @@ def attention_map_rows(
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         values = compare(jax.tree.map(lambda a: a[0], stacked))
-    replicates = {m: [] for m in methods}
-    for r in range(1, stacked.count.shape[0]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported once above, on the full data
-            try:
-                values_r = compare(jax.tree.map(lambda a, r=r: a[r], stacked))
-            except ValueError:  # a replicate that drew fewer than 2 cells has no values
-                values_r = {m: np.full(len(names) ** 2, np.nan) for m in methods}
-        for m in methods:
-            replicates[m].append(np.asarray(values_r[m]).ravel())
+    replicates = _replicate_values(
+        compare, stacked, range(1, stacked.count.shape[0]), methods, len(names) ** 2
+    )
     frames = []
     for m in methods:
         frame = _pair_rows(names, names, values[m], f"attention_{m}")

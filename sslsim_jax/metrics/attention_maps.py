@@ -112,13 +112,21 @@ def update(
         The updated `stats.Moments`; merging is exact, so the split into batches does not
         matter.
     """
+    z, w = _checked_rows(m, maps, lengths)
+    return stats.update(m, z, where=w)
+
+
+def _checked_rows(
+    m: stats.Moments, maps: Sequence[jax.Array], lengths: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """`cell_rows`, checked against the networks of ``m``."""
     z, w = cell_rows(maps, lengths)
     if z.shape[1] != sum(m.sizes):
         raise ValueError(
             f"expected maps with Σ L_k H_k = {sum(m.sizes)} heads in all (m.sizes), "
             f"got {z.shape[1]}"
         )
-    return stats.update(m, z, where=w)
+    return z, w
 
 
 def _weighted_union(parts: stats.Moments, copies: jax.Array) -> stats.Moments:
@@ -166,18 +174,13 @@ def update_weighted(
     Returns:
         The updated stacked statistics.
     """
-    z, w = cell_rows(maps, lengths)
+    z, w = _checked_rows(m, maps, lengths)
     batch = jnp.shape(maps[0])[0]
     weights = jnp.asarray(weights)
     if not jnp.issubdtype(weights.dtype, jnp.integer) or weights.shape != (m.count.shape[0], batch):
         raise ValueError(
             f"expected integer weights of shape [R={m.count.shape[0]}, B={batch}], got "
             f"{weights.dtype} {tuple(weights.shape)}"
-        )
-    if z.shape[1] != sum(m.sizes):
-        raise ValueError(
-            f"expected maps with Σ L_k H_k = {sum(m.sizes)} heads in all (m.sizes), "
-            f"got {z.shape[1]}"
         )
     # [B*T*T, ΣLH] -> [B, T*T, ΣLH]: each utterance's cells apart
     parts = jax.vmap(lambda zb, wb: stats.moments(zb, where=wb, sizes=m.sizes))(
