@@ -48,6 +48,7 @@ __all__ = [
     "make_mesh",
     "replicated",
     "row_sharding",
+    "settle",
     "shard_batch",
 ]
 
@@ -121,6 +122,22 @@ _joined = False
 def joined() -> bool:
     """Whether this process joined a multi-process run through `initialize`."""
     return _joined
+
+
+def settle(tree: Any) -> Any:
+    """``tree`` once the computations producing it have finished, in a multi-process CPU run;
+    ``tree`` at once otherwise.
+
+    A multi-process CPU run does its collectives through gloo, and with several gloo programs
+    in flight over a process's own devices, one process can wait forever: two processes with
+    two CPU devices each, running small all-reduce programs over their own devices 20 at a
+    time, hung in every run (a CI run of the two-process test did too), while one at a time
+    never did, nor did 20 at a time in one process (XLA's in-process collectives). Code that
+    dispatches collective programs one after another settles each before the next.
+    """
+    if _joined and jax.default_backend() == "cpu":
+        jax.block_until_ready(tree)
+    return tree
 
 
 def exit_now(code: int) -> None:

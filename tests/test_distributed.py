@@ -382,23 +382,28 @@ def run_two_processes(code: str, *, devices: int, timeout: float, port: int | No
     assert not failed, "\n".join(failed)
 
 
+# The start of a two-process analysis (`run_two_processes`): joins the run, builds `models`.
+ANALYSIS_PROCESS = textwrap.dedent("""
+    import sys
+    from sslsim_jax import demo, distributed
+    from sslsim_jax.analysis import Settings, analyze
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           timeout_seconds=60)
+    models = [
+        ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
+        ("hubert", demo.demo_model("tiny_hubert", seed=1)),
+    ]
+    """)
+
+
 def test_two_processes_give_the_one_process_table(one_device, tmp_path):
     """Each process analyses its share of the 5 utterances (0, 2, 4 and 1, 3) on 2 devices;
     process 0 writes the merged table, equal to the one-process one, also with the statistics
     split over each process's devices (``stat_shards=2``)."""
-    code = f"""
+    code = ANALYSIS_PROCESS + textwrap.dedent(f"""
         import os
-        import sys
-        from sslsim_jax import demo, distributed
         from sslsim_jax.audio import demo_audio_paths
-        from sslsim_jax.analysis import Settings, analyze
-        pid, port = int(sys.argv[1]), sys.argv[2]
-        distributed.initialize(f"127.0.0.1:{{port}}", num_processes=2, process_id=pid,
-                               timeout_seconds=60)
-        models = [
-            ("w2v", demo.demo_model("tiny_wav2vec2", seed=0)),
-            ("hubert", demo.demo_model("tiny_hubert", seed=1)),
-        ]
         out = {str(tmp_path)!r} + f"/p{{pid}}"
         analyze(models, demo_audio_paths(), out, Settings(**{SETTINGS!r}), progress=False,
                 report=False)
@@ -408,12 +413,37 @@ def test_two_processes_give_the_one_process_table(one_device, tmp_path):
         analyze(models, demo_audio_paths(), out + "-split",
                 Settings(**{SETTINGS!r}, stat_shards=2), progress=False, report=False)
         print("ok", pid)
-        """
+        """)
     run_two_processes(code, devices=2, timeout=300)
     assert_same_outputs(tmp_path / "p0", one_device)
     assert_same_outputs(tmp_path / "p0-split", one_device)
     run = json.loads((tmp_path / "p0" / "run.json").read_text())
     assert run["processes"] == 2 and [u["path"] for u in run["utterances"]] == SPEECH
+
+
+def test_two_processes_with_many_collective_programs_per_batch(tmp_path):
+    """Every attention measure with bootstrap intervals, 20 utterances in batches of one (and
+    a dummy): about ten programs per batch that reduce across a process's two devices.
+    Dispatched without waiting, gloo deadlocked (process 1 stuck mid-extraction, process 0 in
+    the merge: 3 runs in 3 at 72f0fb9, and with `distributed.settle` disabled); settled one
+    at a time, never. The table equals one process's."""
+    speech = SPEECH * 4
+    settings = dict(
+        SETTINGS,
+        metrics=("linear_cka",),
+        attention_methods=("fro", "js", "pearson", "linear_cka"),
+        batch_seconds=1.5,
+    )
+    code = ANALYSIS_PROCESS + textwrap.dedent(f"""
+        analyze(models, {speech!r}, {str(tmp_path)!r} + f"/p{{pid}}", Settings(**{settings!r}),
+                progress=False, report=False)
+        print("ok", pid)
+        """)
+    run_two_processes(code, devices=2, timeout=240)
+    analyze(_models(), speech, tmp_path / "one", Settings(**settings), progress=False, report=False)
+    table, expected = (read_table(tmp_path / d / "similarities.csv") for d in ("p0", "one"))
+    assert table[KEYS].equals(expected[KEYS]) and table.ci_low.notna().all()
+    assert_tables_close(table, expected, ("value", "ci_low", "ci_high"), "similarities.csv")
 
 
 def test_a_failing_process_ends_the_whole_run(tmp_path):

@@ -95,6 +95,34 @@ def _mirror(mesh: jax.sharding.Mesh) -> Callable:
     return jax.jit(stats.mirror_upper, out_shardings=distributed.replicated(mesh), donate_argnums=0)
 
 
+def _update_heads(
+    s: attn.HeadSimilarityState,
+    maps_a: jax.Array,
+    maps_b: jax.Array,
+    lengths: jax.Array,
+    dummies: int,
+    weights: jax.Array | None,
+    method: str,
+) -> attn.HeadSimilarityState:
+    """One batch added to a head pair's sums: the full data, or with ``weights`` [1 + R, B]
+    the full data and its replicates from one computation (`attention_weights`); the
+    ``dummies`` padding the batch are skipped utterances that are not counted."""
+    if weights is None:
+        s = attn.update_state(s, maps_a, maps_b, lengths, method)
+    else:
+        s = attn.add_utterances(s, attn.utterance_sums(maps_a, maps_b, lengths, method), weights)
+    return s._replace(skipped=s.skipped - dummies)
+
+
+@functools.cache
+def _head_updater(mesh: jax.sharding.Mesh) -> Callable:
+    """`_update_heads` as one jitted program (sums left replicated): one cross-device
+    reduction per head pair and batch, not one per array (`distributed.settle`)."""
+    return jax.jit(
+        _update_heads, static_argnames="method", out_shardings=distributed.replicated(mesh)
+    )
+
+
 @functools.cache
 def _map_updater(mesh: jax.sharding.Mesh) -> Callable:
     """The jitted update of the attention-map statistics (`attention_maps.update`)."""
@@ -360,7 +388,9 @@ def extract(
                 state.rbf_filled += len(rows)
             # [B*T, ΣD] (padded layout when sharded)
             z = np.concatenate(columns, axis=1) if on_host else join(columns)
-            state.moments = update(state.moments, z, jnp.asarray(mask))
+            # Each collective program settles before the next in a multi-process CPU run.
+            settle = distributed.settle
+            state.moments = settle(update(state.moments, z, jnp.asarray(mask)))
             w = None  # [B, R] each utterance's bootstrap weights
             if settings.bootstrap:
                 w = np.stack(
@@ -370,15 +400,16 @@ def extract(
             if state.replicates is not None:
                 t = len(mask) // len(waves)
                 frame_w = np.repeat(w, t, axis=0).T * mask  # [R, B*T]
-                state.replicates = update_replicates(state.replicates, z, jnp.asarray(frame_w))
+                state.replicates = settle(
+                    update_replicates(state.replicates, z, jnp.asarray(frame_w))
+                )
             stacked_w = None if w is None else attention_weights(w)  # [1 + R, B]
             for (a, b, method), s in state.heads.items():
-                if w is None:
-                    s = attn.update_state(s, maps[a], maps[b], frame_lengths, method)
-                else:  # the full data (weight 1) and its replicates, from one computation
-                    parts = attn.utterance_sums(maps[a], maps[b], frame_lengths, method)
-                    s = attn.add_utterances(s, parts, stacked_w)
-                state.heads[a, b, method] = s._replace(skipped=s.skipped - dummies)
+                state.heads[a, b, method] = settle(
+                    _head_updater(mesh)(
+                        s, maps[a], maps[b], frame_lengths, dummies, stacked_w, method=method
+                    )
+                )
             if state.attention_maps is not None:
                 batch_maps = [maps[e.name] for e in entries]
                 if w is None:
@@ -389,6 +420,7 @@ def extract(
                     state.attention_maps = _weighted_map_updater(mesh)(
                         state.attention_maps, batch_maps, frame_lengths, stacked_w
                     )
+                settle(state.attention_maps)
             # One sync per batch: bounds the work queued ahead, and a failed device allocation
             # raises here (reading an output buffer first would wait for it forever, XLA CPU).
             jax.block_until_ready(state.moments)
