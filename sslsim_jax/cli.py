@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the whole analysis on built-in models and shipped speech (no downloads)",
-        description="Runs `analyze` on three small built-in models (a wav2vec 2.0-style model, "
-        "a fine-tuned-style CTC variant of it, and a HuBERT-style model; seeded random "
-        "weights) and a few seconds of speech shipped with the package.",
+        description="Runs `analyze` on the small models shipped with the package (trained by "
+        "scripts/train_demo_models.py: pre-trained and their CTC fine-tuned counterparts) and "
+        "a randomly initialised model of the same shape as a baseline, over a few seconds of "
+        "speech shipped with the package.",
     )
     demo.add_argument(
         "--out", default="demo-report", help="output directory (default: %(default)s)"
