@@ -107,10 +107,7 @@ def _update_heads(
     """One batch added to a head pair's sums: the full data, or with ``weights`` [1 + R, B]
     the full data and its replicates from one computation (`attention_weights`); the
     ``dummies`` padding the batch are skipped utterances that are not counted."""
-    if weights is None:
-        s = attn.update_state(s, maps_a, maps_b, lengths, method)
-    else:
-        s = attn.add_utterances(s, attn.utterance_sums(maps_a, maps_b, lengths, method), weights)
+    s = attn.add_utterances(s, attn.utterance_sums(maps_a, maps_b, lengths, method), weights)
     return s._replace(skipped=s.skipped - dummies)
 
 
@@ -336,6 +333,8 @@ def extract(
     )
     last = time.monotonic()
     pending = []  # (entry, device NaN/Inf flags [layers, B], batch paths) not read yet
+    # Each collective program settles before the next in a multi-process CPU run.
+    settle = distributed.settle
     # Decoding runs a couple of batches ahead on a thread; closed however the loop ends.
     with contextlib.closing(prefetch(batches, utterances, start=state.done)) as decoded:
         for index, batch in enumerate(batches):
@@ -388,8 +387,6 @@ def extract(
                 state.rbf_filled += len(rows)
             # [B*T, ΣD] (padded layout when sharded)
             z = np.concatenate(columns, axis=1) if on_host else join(columns)
-            # Each collective program settles before the next in a multi-process CPU run.
-            settle = distributed.settle
             state.moments = settle(update(state.moments, z, jnp.asarray(mask)))
             w = None  # [B, R] each utterance's bootstrap weights
             if settings.bootstrap:

@@ -18,7 +18,7 @@ from sslsim_jax import analyses, results, sharded
 from sslsim_jax.analysis.extract import run_mesh
 from sslsim_jax.analysis.networks import ModelEntry, network_names, network_sizes
 from sslsim_jax.analysis.settings import Settings
-from sslsim_jax.analysis.state import State
+from sslsim_jax.analysis.state import State, stacked_maps
 from sslsim_jax.metrics import attention as attn
 from sslsim_jax.metrics import registry
 from sslsim_jax.metrics.representation import rbf_cka_matrix
@@ -194,7 +194,7 @@ def attention_map_rows(
     names = [n for e in entries for n in attention_layer_names(e)]
     methods = [m for m in settings.attention_methods if m in registry.MAP_METHODS]
     stacked = state.attention_maps
-    if stacked.count.ndim == 0:
+    if not stacked_maps(state):
         stacked = jax.tree.map(lambda a: a[None], stacked)
     compare = functools.partial(
         compare_moments, names=names, metrics=methods, variance=settings.svcca_variance

@@ -64,6 +64,7 @@ __all__ = [
     "attention_cells",
     "cell_moments",
     "finalize",
+    "frequency_weights",
     "head_similarity",
     "head_similarity_sums",
     "init_state",
@@ -456,21 +457,29 @@ def add_utterances(
     if weights is None:
         sums = jax.tree.map(lambda a: a.sum(0), parts)
         return merge_states(state, sums)
-    w = jnp.asarray(weights)
-    if (
-        not jnp.issubdtype(w.dtype, jnp.integer)
-        or w.ndim != 2
-        or w.shape[1] != parts.count.shape[0]
-    ):
-        raise ValueError(
-            f"expected integer weights of shape [R, U={parts.count.shape[0]}], got "
-            f"{w.dtype} {tuple(w.shape)}"
-        )
+    w = frequency_weights(weights, R=None, U=parts.count.shape[0])
     total = jnp.einsum(
         "ru,uhg->rhg", w.astype(parts.total.dtype), parts.total, precision=stats.matmul_precision()
     )
     count = jnp.sum(w.astype(jnp.int32) * parts.count[None, :], axis=1)
     return merge_states(state, HeadSimilarityState(total, count, parts.skipped.sum()))
+
+
+def frequency_weights(weights: jax.Array, **shape: int | None) -> jax.Array:
+    """``weights`` as an array, checked to be integers of ``shape`` (axis name: size, None for
+    any size); the error names the expected shape, e.g. ``[R, U=5]``."""
+    w = jnp.asarray(weights)
+    sizes = tuple(shape.values())
+    if (
+        not jnp.issubdtype(w.dtype, jnp.integer)
+        or w.ndim != len(sizes)
+        or any(n is not None and n != m for n, m in zip(sizes, w.shape, strict=True))
+    ):
+        expected = ", ".join(k if n is None else f"{k}={n}" for k, n in shape.items())
+        raise ValueError(
+            f"expected integer weights of shape [{expected}], got {w.dtype} {tuple(w.shape)}"
+        )
+    return w
 
 
 def merge_states(a: HeadSimilarityState, b: HeadSimilarityState) -> HeadSimilarityState:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from sslsim_jax import stats
-from sslsim_jax.metrics.attention import attention_cells
+from sslsim_jax.metrics.attention import attention_cells, frequency_weights
 
 __all__ = ["cell_rows", "init", "layer_sizes", "update", "update_weighted"]
 
@@ -176,12 +176,7 @@ def update_weighted(
     """
     z, w = _checked_rows(m, maps, lengths)
     batch = jnp.shape(maps[0])[0]
-    weights = jnp.asarray(weights)
-    if not jnp.issubdtype(weights.dtype, jnp.integer) or weights.shape != (m.count.shape[0], batch):
-        raise ValueError(
-            f"expected integer weights of shape [R={m.count.shape[0]}, B={batch}], got "
-            f"{weights.dtype} {tuple(weights.shape)}"
-        )
+    weights = frequency_weights(weights, R=m.count.shape[0], B=batch)
     # [B*T*T, ΣLH] -> [B, T*T, ΣLH]: each utterance's cells apart
     parts = jax.vmap(lambda zb, wb: stats.moments(zb, where=wb, sizes=m.sizes))(
         z.reshape(batch, -1, z.shape[1]), w.reshape(batch, -1)
